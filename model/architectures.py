@@ -1,0 +1,91 @@
+"""The emotion classifiers: `seed` (the Keras reference, reproduced exactly) and `small` (fast on a CPU).
+
+Every model here takes a float tensor [N, 1, 48, 48] already normalised as its config says
+(see `model.config.resolve_data_config`) and returns logits [N, 7].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SeedCNN(nn.Module):
+    """gitshanks/fer2013's Keras CNN, layer for layer.
+
+    Keras puts the ReLU inside Conv2D (activation='relu') and the BatchNormalization after it, so the
+    order here is conv -> ReLU -> BN. BatchNorm uses Keras' defaults (epsilon 1e-3, momentum 0.99, which is
+    PyTorch momentum 0.01). The first conv is unpadded (46x46 out) and carries an L2 penalty of 0.01 on its
+    kernel, which the trainer adds to the loss through `regularization_loss()`.
+    """
+
+    l2_first_conv = 0.01
+
+    def __init__(self, num_classes: int = 7, width: int = 64) -> None:
+        super().__init__()
+        w = width
+
+        def bn(c: int) -> nn.BatchNorm2d:
+            return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+        def conv(cin: int, cout: int, padding: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=padding), nn.ReLU(inplace=True)]
+
+        def pool_drop() -> list[nn.Module]:
+            return [nn.MaxPool2d(2, 2), nn.Dropout(0.5)]
+
+        self.features = nn.Sequential(
+            *conv(1, w, padding=0), *conv(w, w), bn(w), *pool_drop(),
+            *conv(w, 2 * w), bn(2 * w), *conv(2 * w, 2 * w), bn(2 * w), *pool_drop(),
+            *conv(2 * w, 4 * w), bn(4 * w), *conv(4 * w, 4 * w), bn(4 * w), *pool_drop(),
+            *conv(4 * w, 8 * w), bn(8 * w), *conv(8 * w, 8 * w), bn(8 * w), *pool_drop(),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(8 * w * 2 * 2, 8 * w), nn.ReLU(inplace=True), nn.Dropout(0.4),
+            nn.Linear(8 * w, 4 * w), nn.ReLU(inplace=True), nn.Dropout(0.4),
+            nn.Linear(4 * w, 2 * w), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(2 * w, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def regularization_loss(self) -> torch.Tensor:
+        first = self.features[0]
+        assert isinstance(first, nn.Conv2d)
+        return self.l2_first_conv * first.weight.pow(2).sum()
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class SmallCNN(nn.Module):
+    """A VGG-style net sized for a 2-core CPU.
+
+    FER2013 faces fill the 48x48 frame, so the first conv works at full resolution but only with few
+    channels, and each later stage halves the resolution before doubling the width. Plain dense 3x3
+    convolutions (no depthwise ones): oneDNN runs them several times closer to peak per FLOP on a CPU,
+    so they buy more accuracy per millisecond. Global average pooling keeps the head tiny.
+    """
+
+    def __init__(self, num_classes: int = 7, widths: tuple[int, ...] = (32, 48, 96, 192)) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = widths
+        self.features = nn.Sequential(
+            *_conv_bn_relu(1, c1), nn.MaxPool2d(2),                           # 48 -> 24
+            *_conv_bn_relu(c1, c2), nn.MaxPool2d(2),                          # 24 -> 12
+            *_conv_bn_relu(c2, c3), *_conv_bn_relu(c3, c3), nn.MaxPool2d(2),  # 12 -> 6
+            *_conv_bn_relu(c3, c4), *_conv_bn_relu(c4, c4),                   # 6
+        )  # fmt: skip
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(c4, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

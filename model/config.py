@@ -1,0 +1,44 @@
+"""What a model needs to be used: classes, input size and normalisation, carried by the model itself.
+
+Like timm's pretrained_cfg: callers read preprocessing from here (`resolve_data_config`) and never repeat
+the constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# FER2013 label order.
+CLASSES: tuple[str, ...] = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
+
+# Pixel statistics of the FER2013 Training split (uint8 / 255).
+FER_MEAN = 0.5077
+FER_STD = 0.2550
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    input_size: tuple[int, int, int] = (1, 48, 48)
+    mean: float = FER_MEAN
+    std: float = FER_STD
+    classes: tuple[str, ...] = field(default=CLASSES)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(
+            architecture=d["architecture"],
+            input_size=tuple(d["input_size"]),
+            mean=float(d["mean"]),
+            std=float(d["std"]),
+            classes=tuple(d["classes"]),
+        )
+
+
+def resolve_data_config(model: object) -> dict:
+    """Preprocessing for `model` (anything carrying a `cfg: ModelConfig`): input size, mean, std."""
+    cfg: ModelConfig = model.cfg  # type: ignore[attr-defined]
+    return {"input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std, "classes": cfg.classes}

@@ -1,0 +1,38 @@
+"""Architectures by name. `create_model(name)` returns an untrained network that carries its config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from model.architectures import SeedCNN, SmallCNN
+from model.config import ModelConfig
+from model.errors import FervidError
+
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    "seed": SeedCNN,
+    "small": SmallCNN,
+}
+
+
+def create_model(architecture: str) -> nn.Module:
+    try:
+        factory = ARCHITECTURES[architecture]
+    except KeyError:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise FervidError(f"unknown architecture {architecture!r} (known: {known})") from None
+    net = factory()
+    net.cfg = ModelConfig(architecture=architecture)  # type: ignore[assignment]
+    return net
+
+
+def count_parameters(net: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, parameters plus BatchNorm running statistics as Keras counts them)."""
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    stats = sum(
+        m.running_mean.numel() + m.running_var.numel()
+        for m in net.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    )
+    return trainable, trainable + stats

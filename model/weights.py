@@ -1,0 +1,97 @@
+"""Weights files: fp16 safetensors whose metadata says what they are (architecture, classes, accuracies...)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.config import ModelConfig
+from model.errors import FervidError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST = WEIGHTS_DIR / "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights(net: nn.Module, path: Path, cfg: ModelConfig, **info: object) -> str:
+    """Write `net` as fp16 safetensors with its config and `info` (JSON-encoded) in the metadata.
+
+    BatchNorm running statistics are kept in fp32: fp16 loses the variance of quiet channels.
+    Returns the file's sha256.
+    """
+    tensors = {}
+    for k, v in net.state_dict().items():
+        v = v.detach().cpu()
+        if v.is_floating_point() and "running_" not in k:
+            v = v.half()
+        tensors[k] = v.contiguous()
+    metadata = {"config": json.dumps(cfg.to_dict())}
+    metadata.update({k: json.dumps(v) for k, v in info.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return sha256_file(path)
+
+
+def read_metadata(path: Path) -> dict:
+    """The decoded metadata of a weights file (config as ModelConfig under 'config')."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FervidError(f"{path}: weights file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FervidError(f"{path}: not a readable safetensors weights file ({e})") from None
+    if "config" not in raw:
+        raise FervidError(f"{path}: weights file has no fervid config in its metadata")
+    meta = {k: json.loads(v) for k, v in raw.items()}
+    meta["config"] = ModelConfig.from_dict(meta["config"])
+    return meta
+
+
+def load_state_dict_into(net: nn.Module, path: Path) -> None:
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FervidError(f"{path}: not a readable safetensors weights file ({e})") from None
+    own = net.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = (missing[:2] and f"missing {missing[:2]}") or (unexpected[:2] and f"unexpected {unexpected[:2]}")
+        detail = detail or f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+        raise FervidError(f"{path}: weights do not fit architecture {net.cfg.architecture!r}: {detail}")
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+
+
+def read_manifest() -> dict[str, dict]:
+    if not MANIFEST.is_file():
+        return {}
+    return json.loads(MANIFEST.read_text())
+
+
+def register_weights(name: str, path: Path) -> None:
+    """Record a shipped weights file (name, file, sha256) in the manifest next to it."""
+    path = Path(path).resolve()
+    manifest = read_manifest()
+    manifest[name] = {"file": path.name, "sha256": sha256_file(path)}
+    MANIFEST.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+

@@ -1,0 +1,62 @@
+"""Batched augmentation on the training device: one affine warp and one erase per batch, no Python loop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def augment(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    max_rotate_deg: float = 12.0,
+    max_shift: float = 0.10,
+    scale: tuple[float, float] = (0.9, 1.1),
+    flip: bool = True,
+    erase_p: float = 0.5,
+    erase_area: tuple[float, float] = (0.02, 0.15),
+) -> torch.Tensor:
+    """Random rotation, shift, scale and horizontal flip (one `grid_sample`), then random erasing.
+
+    `x` is float [N, 1, H, W] in [0, 1]. Random crops of FER2013 are shifts plus scale here, which keeps
+    the output 48x48 so evaluation needs no resize.
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return torch.rand(*(shape or (n,)), generator=gen, device=dev) * (hi - lo) + lo
+
+    angle = u(-max_rotate_deg, max_rotate_deg) * (math.pi / 180)
+    s = u(*scale)
+    sx = s * (torch.where(torch.rand(n, generator=gen, device=dev) < 0.5, -1.0, 1.0) if flip else 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack(
+        [
+            torch.stack([cos / sx, -sin / s, u(-max_shift, max_shift) * 2], dim=1),
+            torch.stack([sin / sx, cos / s, u(-max_shift, max_shift) * 2], dim=1),
+        ],
+        dim=1,
+    )
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    if erase_p > 0:
+        area = u(*erase_area) * h * w
+        aspect = torch.exp(u(math.log(0.3), math.log(3.3)))
+        eh = (area * aspect).sqrt().clamp(max=h)
+        ew = (area / aspect).sqrt().clamp(max=w)
+        y0 = u(0, 1) * (h - eh)
+        x0 = u(0, 1) * (w - ew)
+        ys = torch.arange(h, device=dev, dtype=x.dtype).view(1, h, 1)
+        xs = torch.arange(w, device=dev, dtype=x.dtype).view(1, 1, w)
+        inside = (
+            (ys >= y0.view(n, 1, 1)) & (ys < (y0 + eh).view(n, 1, 1))
+            & (xs >= x0.view(n, 1, 1)) & (xs < (x0 + ew).view(n, 1, 1))
+        )  # fmt: skip
+        inside &= (torch.rand(n, generator=gen, device=dev) < erase_p).view(n, 1, 1)
+        noise = torch.rand(x.shape, generator=gen, device=dev, dtype=x.dtype)
+        x = torch.where(inside.unsqueeze(1), noise, x)
+    return x

@@ -1,0 +1,52 @@
+"""Batched forward passes over uint8 faces, with optional test-time augmentation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TTA_MODES = ("none", "flip", "tencrop")
+
+
+def normalize(x: torch.Tensor, cfg: object) -> torch.Tensor:
+    """Pixels as floats in [0, 1] -> the input the model was trained on."""
+    return (x - cfg.mean) / cfg.std  # type: ignore[attr-defined]
+
+
+def _views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    if tta == "none":
+        return [x]
+    if tta == "flip":
+        return [x, x.flip(-1)]
+    if tta == "tencrop":
+        # Five 48x48 windows of the face padded by 2 px (centre and corners), each also flipped: the
+        # ten-crop of FER papers at the model's own input size.
+        p = 2
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (p, p, p, p), mode="replicate")
+        crops = [padded[..., p : p + h, p : p + w]]
+        crops += [padded[..., i : i + h, j : j + w] for i in (0, 2 * p) for j in (0, 2 * p)]
+        return crops + [c.flip(-1) for c in crops]
+    raise ValueError(f"unknown TTA mode {tta!r} (known: {', '.join(TTA_MODES)})")
+
+
+@torch.inference_mode()
+def predict_proba(
+    net: nn.Module, images: torch.Tensor, batch_size: int = 512, tta: str = "none", amp: bool = False
+) -> torch.Tensor:
+    """Class probabilities [N, C] for uint8 images [N, 48, 48] or [N, 1, 48, 48] (any device)."""
+    dev = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i : i + batch_size].to(dev, non_blocking=True).float() / 255.0, net.cfg)
+        views = _views(x, tta)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            probs = sum(net(v.contiguous(memory_format=torch.channels_last)).float().softmax(1) for v in views)
+        out.append((probs / len(views)).cpu())
+    net.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, len(net.cfg.classes))
