@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -15,7 +14,6 @@ from model.config import ModelConfig
 from model.errors import FervidError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MANIFEST = WEIGHTS_DIR / "manifest.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -61,8 +59,11 @@ def read_metadata(path: Path) -> dict:
         raise FervidError(f"{path}: not a readable safetensors weights file ({e})") from None
     if "config" not in raw:
         raise FervidError(f"{path}: weights file has no fervid config in its metadata")
-    meta = {k: json.loads(v) for k, v in raw.items()}
-    meta["config"] = ModelConfig.from_dict(meta["config"])
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+        meta["config"] = ModelConfig.from_dict(meta["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FervidError(f"{path}: weights metadata is malformed ({e})") from None
     return meta
 
 
@@ -77,21 +78,31 @@ def load_state_dict_into(net: nn.Module, path: Path) -> None:
     wrong = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         detail = (missing[:2] and f"missing {missing[:2]}") or (unexpected[:2] and f"unexpected {unexpected[:2]}")
-        detail = detail or f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+        if not detail:
+            k = wrong[0]
+            detail = f"shape of {k} is {tuple(tensors[k].shape)}, expected {tuple(own[k].shape)}"
         raise FervidError(f"{path}: weights do not fit architecture {net.cfg.architecture!r}: {detail}")
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
 
 
-def read_manifest() -> dict[str, dict]:
-    if not MANIFEST.is_file():
+def read_manifest(weights_dir: Path | None = None) -> dict[str, dict]:
+    """{name: {"file", "sha256"}} of the shipped weights (model/weights/manifest.json)."""
+    manifest = (weights_dir or WEIGHTS_DIR) / "manifest.json"
+    if not manifest.is_file():
         return {}
-    return json.loads(MANIFEST.read_text())
+    return json.loads(manifest.read_text())
+
+
+def shipped_weights(name: str, weights_dir: Path | None = None) -> tuple[Path, str] | None:
+    """(path, expected sha256) of the shipped weights called `name`, or None."""
+    weights_dir = weights_dir or WEIGHTS_DIR
+    entry = read_manifest(weights_dir).get(name)
+    return (weights_dir / entry["file"], entry["sha256"]) if entry else None
 
 
 def register_weights(name: str, path: Path) -> None:
-    """Record a shipped weights file (name, file, sha256) in the manifest next to it."""
+    """Record a weights file lying in its weights folder (name, file, sha256) in that folder's manifest."""
     path = Path(path).resolve()
-    manifest = read_manifest()
+    manifest = read_manifest(path.parent)
     manifest[name] = {"file": path.name, "sha256": sha256_file(path)}
-    MANIFEST.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
+    (path.parent / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -15,16 +15,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.errors import FervidError
+from model.predict import normalize, predict_proba
 from model.registry import create_model
 from model.weights import save_weights
 from training.augment import augment
 from training.data import load_fer2013
-from training.predict import normalize, predict_proba
 
 log = logging.getLogger("fervid.train")
 
@@ -85,6 +86,10 @@ def _save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _accuracy(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, amp: bool) -> float:
+    return float((predict_proba(net, torch.from_numpy(images), amp=amp).argmax(1).numpy() == labels).mean())
+
+
 def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) -> Path:
     """Train `cfg.arch`; returns the path of the exported best weights (`<out>/model.safetensors`)."""
     out = Path(cfg.out)
@@ -102,7 +107,8 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
         cut = len(x_train) * 9 // 10
         x_train, x_val, y_train, y_val = x_train[:cut], x_train[cut:], y_train[:cut], y_train[cut:]
     if cfg.limit:
-        x_train, y_train, x_val, y_val = x_train[: cfg.limit], y_train[: cfg.limit], x_val[: cfg.limit], y_val[: cfg.limit]
+        n = cfg.limit
+        x_train, y_train, x_val, y_val = x_train[:n], y_train[:n], x_val[:n], y_val[:n]
     if len(x_train) < cfg.batch_size:
         raise FervidError(f"{cfg.data}: {len(x_train)} training images, fewer than one batch of {cfg.batch_size}")
     x_train = torch.from_numpy(x_train).unsqueeze(1).to(device)
@@ -144,8 +150,10 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         net.train()
-        # One generator per epoch: a resumed run sees exactly the batches it would have seen.
+        # Seeds per epoch (batches, augmentation, dropout): a resumed run repeats exactly what the
+        # uninterrupted run would have done.
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
         perm = torch.randperm(len(x_train), generator=gen, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -170,7 +178,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
             if step % 20 == 0:
                 n = (step + 1) * cfg.batch_size
                 bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}", acc=f"{correct.item() / n:.3f}")
-        val_acc = (predict_proba(net, torch.from_numpy(x_val), amp=amp).argmax(1).numpy() == y_val).mean()
+        val_acc = _accuracy(net, x_val, y_val, amp)
         rec = {
             "epoch": epoch + 1,
             "loss": loss_sum.item() / steps_per_epoch,
@@ -197,7 +205,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
     accuracy = {"PublicTest": best_acc}
     if data.has_split("PrivateTest"):
         x_test, y_test = data.split("PrivateTest")
-        accuracy["PrivateTest"] = float((predict_proba(net, torch.from_numpy(x_test), amp=amp).argmax(1).numpy() == y_test).mean())
+        accuracy["PrivateTest"] = _accuracy(net, x_test, y_test, amp)
     minutes = (time.time() - t_start) / 60
     weights = out / "model.safetensors"
     sha = save_weights(

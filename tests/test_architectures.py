@@ -1,0 +1,54 @@
+import torch
+from torch import nn
+
+from model.registry import count_parameters, create_model
+
+
+def test_seed_parameter_count_matches_keras():
+    net = create_model("seed")
+    trainable, keras_count = count_parameters(net)
+    assert trainable == 5_902_151
+    assert keras_count == 5_905_863
+
+
+def test_seed_shape_at_every_layer():
+    net = create_model("seed").eval()
+    shapes: list[tuple[str, tuple]] = []
+    for layer in [*net.features, *net.classifier]:
+        layer.register_forward_hook(lambda m, i, o: shapes.append((type(m).__name__, tuple(o.shape[1:]))))
+    out = net(torch.zeros(2, 1, 48, 48))
+    assert out.shape == (2, 7)
+    convs = [s for name, s in shapes if name == "Conv2d"]
+    assert convs == [
+        (64, 46, 46), (64, 46, 46),
+        (128, 23, 23), (128, 23, 23),
+        (256, 11, 11), (256, 11, 11),
+        (512, 5, 5), (512, 5, 5),
+    ]  # fmt: skip
+    pools = [s for name, s in shapes if name == "MaxPool2d"]
+    assert pools == [(64, 23, 23), (128, 11, 11), (256, 5, 5), (512, 2, 2)]
+    linears = [s for name, s in shapes if name == "Linear"]
+    assert linears == [(512,), (256,), (128,), (7,)]
+    assert [name for name, _ in shapes].count("BatchNorm2d") == 7
+    assert ("Flatten", (2048,)) in shapes
+
+
+def test_seed_layer_details_follow_keras():
+    net = create_model("seed")
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].padding == (0, 0) and all(c.padding == (1, 1) for c in convs[1:])
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(b.eps == 1e-3 and abs(b.momentum - 0.01) < 1e-9 for b in bns)
+    drops = [m.p for m in net.modules() if isinstance(m, nn.Dropout)]
+    assert drops == [0.5, 0.5, 0.5, 0.5, 0.4, 0.4, 0.5]
+    # L2 0.01 on the first kernel only.
+    reg = net.regularization_loss()
+    assert torch.isclose(reg, 0.01 * convs[0].weight.pow(2).sum())
+
+
+def test_small_runs_and_carries_its_config():
+    net = create_model("small").eval()
+    assert net(torch.zeros(3, 1, 48, 48)).shape == (3, 7)
+    assert net.cfg.input_size == (1, 48, 48)
+    assert net.cfg.classes == ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")

@@ -1,0 +1,69 @@
+"""`fervid train` end to end on a slice of the real FER2013: both architectures, and resume after a kill."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.loader import load_model
+from model.weights import read_metadata
+from tests.conftest import ROOT, run_cli
+
+
+@pytest.mark.parametrize("arch", ["small", "seed"])
+def test_one_epoch_smoke_training(arch, fer_npz, tmp_path):
+    out = tmp_path / arch
+    run_cli("train", "--arch", arch, "--data", str(fer_npz), "--out", str(out),
+            "--epochs", "1", "--limit", "256", "--batch-size", "64", check=True)  # fmt: skip
+    assert (out / "last.pt").is_file() and (out / "train.log").is_file()
+    meta = read_metadata(out / "model.safetensors")
+    assert meta["config"].architecture == arch
+    assert set(meta["accuracy"]) == {"PublicTest", "PrivateTest"}
+    assert meta["command"].startswith("fervid train --arch " + arch)
+    clf = load_model(str(out / "model.safetensors"))
+    probs = clf.predict_proba(torch.zeros(4, 48, 48, dtype=torch.uint8))
+    assert probs.shape == (4, 7) and torch.allclose(probs.sum(1), torch.ones(4), atol=1e-4)
+
+
+def test_existing_run_needs_resume(fer_npz, tmp_path):
+    args = ["train", "--arch", "small", "--data", str(fer_npz), "--out", str(tmp_path),
+            "--epochs", "1", "--limit", "128", "--batch-size", "64"]  # fmt: skip
+    run_cli(*args, check=True)
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _train_args(fer_npz, out):
+    return ["train", "--arch", "small", "--data", str(fer_npz), "--out", str(out),
+            "--epochs", "3", "--limit", "1500", "--batch-size", "64"]  # fmt: skip
+
+
+def test_resume_after_kill_matches_uninterrupted_run(fer_npz, tmp_path):
+    run_cli(*_train_args(fer_npz, tmp_path / "full"), check=True)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "fervid.cli", *_train_args(fer_npz, cut)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = cut / "train.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and "epoch 1/3" in log.read_text()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (cut / "model.safetensors").exists()
+
+    resumed = run_cli(*_train_args(fer_npz, cut), "--resume", check=True)
+    assert "epoch 1/3" not in resumed.stderr + resumed.stdout  # epoch 1 is not trained again
+    assert "resumed from" in log.read_text()
+    full, again = load_file(tmp_path / "full" / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert full.keys() == again.keys()
+    for k in full:
+        assert torch.equal(full[k], again[k]), k
+    hist = torch.load(cut / "last.pt", weights_only=False)["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert json.loads(json.dumps(hist))  # history is plain data

@@ -1,0 +1,75 @@
+"""Weights files: metadata round trip, checksums, and clear errors for the wrong file."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import weights
+from model.errors import FervidError
+from model.loader import list_models, load_model
+from model.registry import create_model
+from model.weights import read_metadata, register_weights, save_weights
+
+
+@pytest.fixture
+def small_file(tmp_path):
+    torch.manual_seed(0)
+    net = create_model("small").eval()
+    path = tmp_path / "small.safetensors"
+    save_weights(net, path, net.cfg, name="small", accuracy={"PublicTest": 0.5})
+    return net, path
+
+
+def test_round_trip_keeps_outputs_and_metadata(small_file):
+    net, path = small_file
+    meta = read_metadata(path)
+    assert meta["accuracy"] == {"PublicTest": 0.5} and meta["config"] == net.cfg
+    assert all(v.dtype in (torch.float16, torch.float32, torch.int64) for v in load_file(path).values())
+    clf = load_model(str(path))
+    x = torch.randint(0, 256, (8, 48, 48), dtype=torch.uint8)
+    ref = (net.half().float())(clf.preprocess(x).contiguous()).softmax(1)
+    assert torch.allclose(clf.predict_proba(x), ref, atol=1e-3)
+
+
+def test_weights_for_another_architecture(small_file, tmp_path):
+    _, path = small_file
+    tensors = load_file(path)
+    meta = {k: json.dumps(v) for k, v in read_metadata(path).items() if k != "config"}
+    cfg = read_metadata(path)["config"]
+    meta["config"] = json.dumps({**cfg.to_dict(), "architecture": "seed"})
+    liar = tmp_path / "liar.safetensors"
+    save_file(tensors, str(liar), metadata=meta)
+    with pytest.raises(FervidError, match="do not fit architecture 'seed'") as e:
+        load_model(str(liar))
+    assert str(liar) in str(e.value)
+
+
+def test_checksum_mismatch_of_shipped_weights(small_file, tmp_path, monkeypatch):
+    _, path = small_file
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(path, shipped / "small.safetensors")
+    register_weights("small", shipped / "small.safetensors")
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", shipped)
+    assert load_model("small").sha256 == weights.sha256_file(shipped / "small.safetensors")
+    assert [r for r in list_models() if r["name"] == "small"][0]["weights"] == str(shipped / "small.safetensors")
+    data = bytearray((shipped / "small.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (shipped / "small.safetensors").write_bytes(bytes(data))
+    with pytest.raises(FervidError, match="checksum mismatch"):
+        load_model("small")
+
+
+def test_not_a_weights_file(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"garbage" * 10)
+    with pytest.raises(FervidError, match="not a readable safetensors"):
+        load_model(str(bad))
+
+
+def test_unknown_model_name():
+    with pytest.raises(FervidError, match="unknown model 'nosuch'"):
+        load_model("nosuch")
