@@ -66,6 +66,63 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from worker.db import database_url, display_url, open_database
+    from worker.export import plot_timeline, summarize, timeline_rows, write_csv, write_json
+    from worker.pipeline import Analyzer, Settings, analyze_video
+
+    settings = Settings(sample_fps=args.fps, start_s=args.start, end_s=args.end, model=args.model,
+                        score_threshold=args.threshold, min_face=args.min_face)  # fmt: skip
+    settings.validate()
+    url = database_url(args.db)
+    sessions = open_database(url)
+    analyzer = Analyzer(args.model, args.device, args.threshold, args.min_face)
+    done, all_rows, failed = [], [], 0
+    for video in args.videos:
+        bar = tqdm(desc=Path(video).name, unit="frame", dynamic_ncols=True, leave=False)
+
+        def progress(n: int, total: int | None, bar: tqdm = bar) -> None:
+            if total and bar.total != total:
+                bar.total = total
+            bar.update(n)
+
+        job = analyze_video(video, settings, sessions, analyzer, batch_size=args.batch_size, on_progress=progress)
+        bar.close()
+        with sessions() as s:
+            rows = timeline_rows(s, job.id)
+        summary = summarize(job, rows)
+        if job.status != "done":
+            failed += 1
+            print(f"{video}: FAILED (job {job.id}): {job.error}")
+            continue
+        done.append((job, rows))
+        all_rows += rows
+        top = sorted(summary["emotion_share"].items(), key=lambda kv: -kv[1])
+        share = ", ".join(f"{e} {v:.0%}" for e, v in top if v >= 0.005) or "no faces"
+        print(f"{video}: job {job.id} done in {job.timings['total']:.1f} s")
+        print(f"  duration {job.duration_s or 0:.1f} s, {summary['frames_analyzed']} frames analysed "
+              f"({summary['frames_with_faces']} with faces), {summary['faces_found']} faces")  # fmt: skip
+        print(f"  emotions: {share}")
+        if args.plot:
+            out = Path(args.plot)
+            if len(args.videos) > 1:
+                out = out.with_name(f"{out.stem}-{Path(video).stem}{out.suffix}")
+            plot_timeline(job, rows, out)
+            print(f"  plot: {out}")
+    if args.csv:
+        write_csv(all_rows, args.csv)
+        print(f"CSV: {args.csv}")
+    if args.json:
+        write_json(done, args.json)
+        print(f"JSON: {args.json}")
+    print(f"timelines stored in {display_url(url)}")
+    return 1 if failed else 0
+
+
 def _device(name: str) -> str:
     from training.train import resolve_device
 
@@ -103,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     e.set_defaults(func=_cmd_eval)
+
+    a = sub.add_parser("analyze", help="analyse videos in this process (embedded default: SQLite)")
+    a.add_argument("videos", nargs="+", metavar="VIDEO")
+    a.add_argument("--fps", type=float, default=5.0, help="frames per second of video time to analyse (0 = all)")
+    a.add_argument("--start", type=float, default=0.0, help="start of the time range, in seconds")
+    a.add_argument("--end", type=float, default=None, help="end of the time range, in seconds")
+    a.add_argument("--model", default="small", help="emotion model: shipped name or .safetensors path")
+    a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
+    a.add_argument("--batch-size", type=int, default=16, help="frames per batch")
+    a.add_argument("--threshold", type=float, default=0.9, help="face detection score threshold")
+    a.add_argument("--min-face", type=int, default=40, help="smallest face to find, in pixels")
+    a.add_argument("--db", help="SQLAlchemy database URL (default: FERVID_DATABASE_URL, else a SQLite file)")
+    a.add_argument("--csv", metavar="FILE", help="write the timeline rows of all videos as CSV")
+    a.add_argument("--json", metavar="FILE", help="write the jobs and their rows as JSON")
+    a.add_argument("--plot", metavar="PNG", help="plot each video's emotion probabilities over time")
+    a.set_defaults(func=_cmd_analyze)
 
     m = sub.add_parser("models", help="list the emotion models and their shipped weights")
     m.add_argument("--json", action="store_true")

@@ -171,6 +171,18 @@ def test_half_scale(detector: rf.RetinaFaceDetector) -> None:
         assert box_err < 4.0 and lm_err < 4.0, f"image {k}: box error {box_err:.2f} px, landmark error {lm_err:.2f} px"
 
 
+def test_upscale(detector: rf.RetinaFaceDetector) -> None:
+    # scale > 1 helps small faces; boxes must still come back in the input's pixels.
+    small = cv2.resize(next(iter(load_photos().values())), (128, 128), interpolation=cv2.INTER_AREA)
+    frame = torch.from_numpy(small)[None]
+    base = detector.detect(frame)[0]
+    up = detector.detect(frame, scale=2.0)[0]
+    assert len(base) == len(up) == 1
+    assert box_iou(up.boxes, base.boxes).item() > 0.8
+    big = torch.from_numpy(cv2.resize(small, (256, 256), interpolation=cv2.INTER_LINEAR))[None]
+    torch.testing.assert_close(up.boxes, detector.detect(big)[0].boxes / 2, atol=2.0, rtol=0)
+
+
 def test_min_face(detector: rf.RetinaFaceDetector) -> None:
     photos = load_photos()
     frame = torch.from_numpy(mosaic(photos))[None]

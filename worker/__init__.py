@@ -1,0 +1,1 @@
+"""The video pipeline, its storage and (later) the queue."""

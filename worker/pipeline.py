@@ -1,0 +1,262 @@
+"""The main job: video -> sampled frames -> RetinaFace -> aligned 48x48 crops -> emotion CNN -> timeline rows.
+
+`Analyzer` holds the models (loaded once per process); `analyze_video` runs one job and records it through
+SQLAlchemy. Workers of the queue call the same functions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from model.errors import FervidError
+from model.loader import load_model
+from model.retinaface import load_retinaface
+from worker.crops import align_faces, to_gray
+from worker.schema import EMOTIONS, Face, Frame, Job
+from worker.video import FrameBatches, probe
+
+DETECTOR = "retinaface-mnet0.25"
+# RetinaFace's smallest anchors are 16 px; a face of `min_face` pixels must still be ~20 px at the detector's
+# input, so frames are shrunk by 20 / min_face before detection (never enlarged).
+DETECT_MIN_PX = 20.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    sample_fps: float = 5.0
+    start_s: float = 0.0
+    end_s: float | None = None
+    model: str = "small"
+    score_threshold: float = 0.9
+    min_face: int = 40
+
+    def validate(self) -> None:
+        if self.sample_fps < 0 or not math.isfinite(self.sample_fps):
+            raise FervidError(f"--fps must be 0 (every frame) or positive, got {self.sample_fps}")
+        if self.start_s < 0 or (self.end_s is not None and self.end_s <= self.start_s):
+            raise FervidError(f"time range {self.start_s}..{self.end_s} s is empty or negative")
+        if self.min_face < 1:
+            raise FervidError(f"--min-face must be at least 1 pixel, got {self.min_face}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FervidError("--device cuda asked for, but PyTorch sees no CUDA GPU")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise FervidError(f"unknown device {name!r} (cpu, cuda, cuda:N or auto)")
+    return torch.device(name)
+
+
+@dataclass
+class FrameFaces:
+    """The faces found in one frame, on the CPU, ready to store."""
+
+    boxes: np.ndarray  # [K, 4]
+    scores: np.ndarray  # [K]
+    landmarks: np.ndarray  # [K, 5, 2]
+    probs: np.ndarray  # [K, 7]
+
+
+@dataclass
+class StageTimes:
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, stage: str, t0: float, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        self.seconds[stage] += now - t0
+        return now
+
+
+class Analyzer:
+    """The detector and the emotion model on one device, loaded once and reused for every job."""
+
+    def __init__(self, model: str = "small", device: str = "auto", score_threshold: float = 0.9,
+                 min_face: int = 40) -> None:  # fmt: skip
+        self.device = resolve_device(device)
+        self.classifier = load_model(model, device=self.device)
+        self.detector = load_retinaface(self.device)
+        self.score_threshold = score_threshold
+        self.min_face = min_face
+        if tuple(c.lower() for c in self.classifier.classes) != EMOTIONS:
+            raise FervidError(f"model {model!r} predicts {self.classifier.classes}, not the 7 FER2013 classes")
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {"model": self.classifier.name, "model_sha256": self.classifier.sha256, "detector": DETECTOR}
+
+    @torch.inference_mode()
+    def process(self, frames_bgr: np.ndarray, times: StageTimes) -> list[FrameFaces]:
+        dev = self.device
+        t = time.perf_counter()
+        frames = torch.from_numpy(frames_bgr).to(dev, non_blocking=True)
+        h, w = frames.shape[1:3]
+        scale = min(1.0, DETECT_MIN_PX / self.min_face)
+        dets = self.detector.detect(frames.flip(-1), score_threshold=self.score_threshold,
+                                    min_face=self.min_face, scale=scale)  # fmt: skip
+        t = times.add("detect", t, dev)
+
+        counts = [len(d) for d in dets]
+        landmarks = torch.cat([d.landmarks for d in dets]) if sum(counts) else torch.empty(0, 5, 2, device=dev)
+        frame_index = torch.repeat_interleave(torch.arange(len(dets), device=dev), torch.tensor(counts, device=dev))
+        crops = align_faces(to_gray(frames), frame_index, landmarks) if sum(counts) else None
+        t = times.add("crop", t, dev)
+
+        probs = self.classifier.predict_proba(crops).numpy() if crops is not None else np.empty((0, 7), np.float32)
+        t = times.add("classify", t, dev)
+
+        out, start = [], 0
+        for d, k in zip(dets, counts, strict=True):
+            out.append(FrameFaces(d.boxes.cpu().numpy(), d.scores.cpu().numpy(), d.landmarks.cpu().numpy(),
+                                  probs[start : start + k]))  # fmt: skip
+            start += k
+        return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def job_key(sha256: str, settings: Settings, versions: dict[str, str]) -> str:
+    """Same content, same settings, same models: the same job (a rerun replaces its rows)."""
+    blob = json.dumps({"sha256": sha256, **asdict(settings), **versions}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def prepare_job(session: Session, path: Path, settings: Settings, versions: dict[str, str]) -> Job:
+    """Create the job row, or reset an existing one with the same key (deleting its old frames and faces)."""
+    if not path.exists():
+        raise FervidError(f"{path}: file not found")
+    if not path.is_file():
+        raise FervidError(f"{path}: not a file")
+    sha = file_sha256(path)
+    key = job_key(sha, settings, versions)
+    job = session.scalar(select(Job).where(Job.job_key == key))
+    if job is None:
+        job = Job(job_key=key, sha256=sha, path=str(path), size_bytes=path.stat().st_size,
+                  sample_fps=settings.sample_fps, start_s=settings.start_s, end_s=settings.end_s,
+                  **versions)  # fmt: skip
+        session.add(job)
+        session.flush()
+    else:
+        session.execute(delete(Face).where(Face.job_id == job.id))
+        session.execute(delete(Frame).where(Frame.job_id == job.id))
+        job.path = str(path)
+    job.status, job.error, job.frames_analyzed, job.faces_found = "running", None, 0, 0
+    job.started_at, job.finished_at, job.timings = _now(), None, None
+    job.worker = f"{socket.gethostname()}:{os.getpid()}"
+    return job
+
+
+def _rows(job_id: int, indices: list[int], times_ms: list[float], faces: list[FrameFaces]) -> tuple[list, list]:
+    frame_rows, face_rows = [], []
+    for fi, t_ms, ff in zip(indices, times_ms, faces, strict=True):
+        frame_rows.append({"job_id": job_id, "frame_index": fi, "time_ms": t_ms, "n_faces": len(ff.scores)})
+        for k in range(len(ff.scores)):
+            p = ff.probs[k]
+            row = {"job_id": job_id, "frame_index": fi, "face": k, "time_ms": t_ms,
+                   "x1": float(ff.boxes[k, 0]), "y1": float(ff.boxes[k, 1]),
+                   "x2": float(ff.boxes[k, 2]), "y2": float(ff.boxes[k, 3]),
+                   "det_score": float(ff.scores[k]),
+                   "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in ff.landmarks[k]],
+                   "emotion": EMOTIONS[int(p.argmax())]}  # fmt: skip
+            row.update({name: float(p[c]) for c, name in enumerate(EMOTIONS)})
+            face_rows.append(row)
+    return frame_rows, face_rows
+
+
+def analyze_video(
+    path: str | Path,
+    settings: Settings,
+    sessions: sessionmaker,
+    analyzer: Analyzer,
+    batch_size: int = 16,
+    on_progress: Callable[[int, int | None], None] | None = None,
+) -> Job:
+    """Analyse one video into the database. Returns the job; its status is "done" or "failed" (with `error`).
+
+    Input problems (missing file, not a video, undecodable frames) end the job as failed; database errors
+    propagate after the job is marked failed where the database still answers.
+    """
+    settings.validate()
+    path = Path(path).expanduser().absolute()
+    t_start = time.perf_counter()
+    with sessions.begin() as s:
+        job = prepare_job(s, path, settings, analyzer.versions)
+    job_id = job.id
+    times = StageTimes()
+    try:
+        info = probe(path)
+        with sessions.begin() as s:
+            j = s.get(Job, job_id)
+            j.width, j.height, j.fps, j.codec = info.width, info.height, info.fps, info.codec
+            j.frame_count, j.duration_s = info.frame_count, info.duration_s or None
+        end_s = settings.end_s if settings.end_s is not None else (info.duration_s or None)
+        span = max(0.0, (end_s or 0) - settings.start_s)
+        expected = (round(span * settings.sample_fps) if settings.sample_fps else info.frame_count) or None
+        n_frames = n_faces = 0
+        with FrameBatches(path, settings.sample_fps, settings.start_s, settings.end_s, batch_size) as batches:
+            for batch in batches:
+                faces = analyzer.process(batch.frames, times)
+                t = time.perf_counter()
+                frame_rows, face_rows = _rows(job_id, batch.indices, batch.times_ms, faces)
+                n_frames += len(frame_rows)
+                n_faces += len(face_rows)
+                with sessions.begin() as s:
+                    s.execute(insert(Frame), frame_rows)
+                    if face_rows:
+                        s.execute(insert(Face), face_rows)
+                    j = s.get(Job, job_id)
+                    j.frames_analyzed, j.faces_found = n_frames, n_faces
+                times.add("write", t, torch.device("cpu"))
+                if on_progress:
+                    on_progress(len(frame_rows), expected)
+            times.seconds["decode"] = batches.decode_seconds
+        if n_frames == 0:
+            raise FervidError(f"{path}: no frames in the time range {settings.start_s}..{settings.end_s} s")
+        return _finish(sessions, job_id, "done", None, times, t_start)
+    except FervidError as e:
+        return _finish(sessions, job_id, "failed", str(e), times, t_start)
+    except SQLAlchemyError:
+        raise
+    except Exception as e:  # an unexpected failure still ends the job visibly, then propagates
+        _finish(sessions, job_id, "failed", f"{type(e).__name__}: {e}", times, t_start)
+        raise
+
+
+def _finish(sessions: sessionmaker, job_id: int, status: str, error: str | None, times: StageTimes,
+            t_start: float) -> Job:  # fmt: skip
+    with sessions.begin() as s:
+        job = s.get(Job, job_id)
+        job.status, job.error, job.finished_at = status, error, _now()
+        job.timings = {k: round(v, 4) for k, v in times.seconds.items()} | {
+            "total": round(time.perf_counter() - t_start, 4)
+        }
+    return job

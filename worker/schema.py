@@ -1,0 +1,103 @@
+"""The emotion timeline's tables (SQLAlchemy 2.0 ORM). Alembic migrations in worker/migrations create them."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    """One video analysed with one set of settings. Rerunning the same job replaces its frames and faces."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # What identifies "the same job": content hash + settings (see pipeline.job_key).
+    job_key: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    # Video properties, as read from the container.
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    fps: Mapped[float | None] = mapped_column(Float)
+    frame_count: Mapped[int | None] = mapped_column(Integer)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    codec: Mapped[str | None] = mapped_column(String(16))
+    # Settings.
+    sample_fps: Mapped[float] = mapped_column(Float)
+    start_s: Mapped[float] = mapped_column(Float, default=0.0)
+    end_s: Mapped[float | None] = mapped_column(Float)
+    model: Mapped[str] = mapped_column(String(64))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    detector: Mapped[str] = mapped_column(String(64))
+    # Progress and results.
+    frames_analyzed: Mapped[int] = mapped_column(Integer, default=0)
+    faces_found: Mapped[int] = mapped_column(Integer, default=0)
+    timings: Mapped[dict | None] = mapped_column(JSON)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Frame(Base):
+    """An analysed frame; frames without faces have n_faces = 0, so the timeline shows gaps, not holes."""
+
+    __tablename__ = "frames"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    frame_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time_ms: Mapped[float] = mapped_column(Float)
+    n_faces: Mapped[int] = mapped_column(SmallInteger)
+
+    __table_args__ = (Index("ix_frames_job_time", "job_id", "time_ms"),)
+
+
+class Face(Base):
+    """A face in an analysed frame: box, landmarks, detection score, the 7 probabilities and the top emotion."""
+
+    __tablename__ = "faces"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    frame_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    face: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    time_ms: Mapped[float] = mapped_column(Float)
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    x2: Mapped[float] = mapped_column(Float)
+    y2: Mapped[float] = mapped_column(Float)
+    det_score: Mapped[float] = mapped_column(Float)
+    landmarks: Mapped[list] = mapped_column(JSON)  # [[x, y] * 5]: eyes, nose, mouth corners
+    angry: Mapped[float] = mapped_column(Float)
+    disgust: Mapped[float] = mapped_column(Float)
+    fear: Mapped[float] = mapped_column(Float)
+    happy: Mapped[float] = mapped_column(Float)
+    sad: Mapped[float] = mapped_column(Float)
+    surprise: Mapped[float] = mapped_column(Float)
+    neutral: Mapped[float] = mapped_column(Float)
+    emotion: Mapped[str] = mapped_column(String(16))
+
+    __table_args__ = (Index("ix_faces_job_time", "job_id", "time_ms"),)

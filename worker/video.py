@@ -1,0 +1,194 @@
+"""Reading videos: properties, and sampled frames decoded in a background thread, in batches.
+
+Frames are sampled on a fixed time grid (k / fps seconds) using the video's own timestamps, so variable frame
+rates are handled and any time range (a segment of a long video) samples exactly the frames that the whole
+video would. Frames between samples are only `grab()`bed, not converted.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from model.errors import FervidError
+
+# OpenCV's FFmpeg backend gives up on a stalled open or read instead of hanging the job.
+_OPEN_PARAMS = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 20_000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 20_000]
+# Frames per batch are capped by pixels so that a 4K batch stays within a few hundred MB.
+MAX_BATCH_PIXELS = 48_000_000
+
+
+@dataclass
+class VideoInfo:
+    path: Path
+    width: int
+    height: int
+    fps: float
+    frame_count: int  # the container's claim; some containers lie, so decoding never trusts it
+    duration_s: float
+    codec: str
+
+
+@dataclass
+class FrameBatch:
+    indices: list[int]  # frame numbers in decode order
+    times_ms: list[float]  # the frames' own presentation timestamps
+    frames: np.ndarray  # uint8 [B, H, W, 3], BGR as decoded
+
+
+def _open(path: Path) -> cv2.VideoCapture:
+    if not path.exists():
+        raise FervidError(f"{path}: file not found")
+    if not path.is_file():
+        raise FervidError(f"{path}: not a file")
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, _OPEN_PARAMS)
+    if not cap.isOpened():
+        raise FervidError(f"{path}: not a video file, or its format or codec is not supported")
+    return cap
+
+
+def probe(path: str | Path) -> VideoInfo:
+    path = Path(path)
+    cap = _open(path)
+    try:
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        count = int(max(cap.get(cv2.CAP_PROP_FRAME_COUNT), 0))
+        fourcc = (int(cap.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF).to_bytes(4, "little")
+        ok = cap.grab()
+        if not ok:
+            raise FervidError(f"{path}: video has no decodable frames")
+        ok, first = cap.retrieve()
+        if not ok or first is None:
+            raise FervidError(f"{path}: video has no decodable frames")
+        # Height and width after the rotation metadata is applied (phone videos), from a real frame.
+        h, w = first.shape[:2]
+    finally:
+        cap.release()
+    fps = fps if math.isfinite(fps) and fps > 0 else 0.0
+    return VideoInfo(
+        path=path, width=w, height=h, fps=fps, frame_count=count,
+        duration_s=count / fps if fps else 0.0, codec=fourcc.decode("ascii", "replace").strip("\x00 "),
+    )  # fmt: skip
+
+
+def _sampled(t_ms: float, prev_ms: float | None, sample_fps: float) -> bool:
+    """True when a grid point k / sample_fps lies in (prev, t]: one frame per grid point, the first at or after it."""
+    if sample_fps <= 0 or prev_ms is None:
+        return True
+    k_now = math.floor(t_ms * sample_fps / 1000 + 1e-6)
+    k_prev = math.floor(prev_ms * sample_fps / 1000 + 1e-6)
+    return k_now > k_prev
+
+
+def iter_frames(
+    path: str | Path, sample_fps: float = 5.0, start_s: float = 0.0, end_s: float | None = None
+) -> Iterator[tuple[int, float, np.ndarray]]:
+    """(frame index, timestamp ms, BGR frame) for each sampled frame with start <= t < end."""
+    path = Path(path)
+    cap = _open(path)
+    try:
+        index, prev_ms = -1, None
+        start_ms, end_ms = start_s * 1000, (end_s * 1000 if end_s is not None else math.inf)
+        while True:
+            if not cap.grab():
+                break
+            index += 1
+            t_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+            if t_ms >= end_ms:
+                break
+            take = t_ms >= start_ms and _sampled(t_ms, prev_ms, sample_fps)
+            prev_ms = t_ms
+            if not take:
+                continue
+            ok, frame = cap.retrieve()
+            if not ok or frame is None:
+                raise FervidError(f"{path}: frame {index} at {t_ms / 1000:.2f} s could not be decoded")
+            yield index, t_ms, frame
+    finally:
+        cap.release()
+
+
+class FrameBatches:
+    """Sampled frames in batches, decoded ahead in a background thread while the models run on the last batch."""
+
+    _END = object()
+
+    def __init__(
+        self, path: str | Path, sample_fps: float, start_s: float = 0.0, end_s: float | None = None,
+        batch_size: int = 16, prefetch: int = 3,
+    ) -> None:  # fmt: skip
+        self._args = (Path(path), sample_fps, start_s, end_s)
+        self._batch_size = batch_size
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self.decode_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="fervid-decode", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        import time
+
+        try:
+            idx: list[int] = []
+            times: list[float] = []
+            frames: list[np.ndarray] = []
+            limit = self._batch_size
+            t0 = time.perf_counter()
+            for i, t_ms, frame in iter_frames(*self._args):
+                if not frames:
+                    limit = max(1, min(self._batch_size, MAX_BATCH_PIXELS // (frame.shape[0] * frame.shape[1])))
+                if frames and frame.shape != frames[0].shape:  # a resolution change mid-stream
+                    self.decode_seconds += time.perf_counter() - t0
+                    if not self._put(FrameBatch(idx, times, np.stack(frames))):
+                        return
+                    idx, times, frames, t0 = [], [], [], time.perf_counter()
+                idx.append(i)
+                times.append(t_ms)
+                frames.append(frame)
+                if len(frames) == limit:
+                    batch = FrameBatch(idx, times, np.stack(frames))
+                    self.decode_seconds += time.perf_counter() - t0
+                    if not self._put(batch):
+                        return
+                    idx, times, frames, t0 = [], [], [], time.perf_counter()
+            if frames:
+                self.decode_seconds += time.perf_counter() - t0
+                self._put(FrameBatch(idx, times, np.stack(frames)))
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put(e)
+
+    def __iter__(self) -> Iterator[FrameBatch]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> FrameBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
