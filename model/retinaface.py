@@ -35,7 +35,9 @@ STRIDES = (8, 16, 32)
 ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
 CENTER_VARIANCE = 0.1
 SIZE_VARIANCE = 0.2
-LEAKY_SLOPE = 0.1  # biubug6 uses 0.1 everywhere when the channel count is <= 64, which holds for mobilenet0.25
+# Every LeakyRelu in the graph (conversion checks): biubug6 uses 0.1 in the backbone, and in FPN/SSH when they are
+# at most 64 channels wide, as in mobilenet0.25.
+LEAKY_SLOPE = 0.1
 # Subject's right eye comes first, i.e. the eye on the image's left in a frontal face.
 LANDMARK_NAMES = ("right_eye", "left_eye", "nose", "right_mouth", "left_mouth")
 _MAX_CACHED_ANCHOR_SETS = 16
@@ -358,6 +360,8 @@ def make_anchors(height: int, width: int, device: torch.device) -> Tensor:
 
 
 class RetinaFaceDetector:
+    """Batched face detection: one forward for the whole batch, decoding and NMS vectorised over it."""
+
     def __init__(self, net: RetinaFaceNet) -> None:
         self.net = net.eval()
         self._anchors: dict[tuple[int, int, torch.device], Tensor] = {}
@@ -409,7 +413,7 @@ class RetinaFaceDetector:
         if scale != 1.0:
             nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
             # Resizing first means the float conversion runs on the small frames. On the CPU the uint8 kernel is also
-            # several times faster than the float one (and equals resizing the video); CUDA has no uint8 bilinear.
+            # several times faster than the float one (and equals resizing the video); it is a CPU-only fast path.
             if x.device.type != "cpu":
                 x = x.float()
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1.0)

@@ -32,3 +32,23 @@ def run_cli(*args: str, check: bool = False, timeout: float = 600) -> subprocess
     if check and proc.returncode != 0:
         raise AssertionError(f"fervid {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database for one test (the server from FERVID_TEST_PG, default the local one)."""
+    import uuid
+
+    import psycopg
+
+    base = os.environ.get("FERVID_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+    name = f"fervid_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(base, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.fail(f"PostgreSQL is not reachable at {base}: {e}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = base.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + name
+    yield url
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()

@@ -91,7 +91,6 @@ def upgrade() -> None:
         batch_op.create_index("ix_frames_job_time", ["job_id", "time_ms"], unique=False)
 
 
-
 def downgrade() -> None:
     with op.batch_alter_table("frames", schema=None) as batch_op:
         batch_op.drop_index("ix_frames_job_time")

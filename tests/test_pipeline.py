@@ -1,0 +1,231 @@
+"""The video pipeline end to end on real clips: timeline rows, exports, reruns, odd and broken inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, inspect, select
+
+from tests.conftest import run_cli, shared_path
+from worker.db import make_engine, migrate, open_database
+from worker.export import CSV_COLUMNS, timeline_rows
+from worker.pipeline import Analyzer, Settings, analyze_video
+from worker.schema import Face, Frame, Job
+
+
+def ffmpeg(*args: str) -> None:
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> Analyzer:
+    return Analyzer("small", "cpu")
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    return open_database(f"sqlite:///{tmp_path / 't.db'}")
+
+
+def clip(name: str) -> Path:
+    return shared_path("videos", name)
+
+
+def count(sessions, table, job_id) -> int:
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(table).where(table.job_id == job_id))
+
+
+def test_analyze_cli_writes_csv_json_and_plot(tmp_path):
+    out = tmp_path
+    proc = run_cli("analyze", str(clip("pyfeat_single_face.mp4")), "--fps", "10", "--db", f"sqlite:///{out / 'db.sqlite'}",
+                   "--csv", str(out / "t.csv"), "--json", str(out / "t.json"), "--plot", str(out / "t.png"),
+                   check=True)  # fmt: skip
+    assert "frames analysed" in proc.stdout and "emotions:" in proc.stdout and str(out / "t.png") in proc.stdout
+    with open(out / "t.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == CSV_COLUMNS
+    assert len(rows) == 24  # 2.4 s at 10 fps, one face in each frame
+    assert all(r["face"] == "0" for r in rows)
+    for r in rows:
+        probs = [float(r[c]) for c in CSV_COLUMNS[9:16]]
+        assert abs(sum(probs) - 1) < 1e-3 and r["emotion"] == CSV_COLUMNS[9 + int(np.argmax(probs))]
+    times = [float(r["time_s"]) for r in rows]
+    assert times == sorted(times) and times[0] == 0.0 and abs(times[1] - 0.1) < 0.02
+    doc = json.loads((out / "t.json").read_text())
+    job = doc["jobs"][0]
+    assert job["status"] == "done" and job["width"] == 640 and job["height"] == 360 and len(job["rows"]) == 24
+    assert job["model"] == "small" and job["detector"].startswith("retinaface")
+    assert set(job["timings"]) >= {"decode", "detect", "crop", "classify", "write", "total"}
+    assert (out / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_replaces_rows(sessions, analyzer):
+    settings = Settings(sample_fps=5)
+    first = analyze_video(clip("pyfeat_single_face.mp4"), settings, sessions, analyzer)
+    n_frames, n_faces = count(sessions, Frame, first.id), count(sessions, Face, first.id)
+    assert first.status == "done" and n_frames == 12 and n_faces == 12
+    again = analyze_video(clip("pyfeat_single_face.mp4"), settings, sessions, analyzer)
+    assert again.id == first.id
+    assert (count(sessions, Frame, first.id), count(sessions, Face, first.id)) == (n_frames, n_faces)
+    other = analyze_video(clip("pyfeat_single_face.mp4"), Settings(sample_fps=2), sessions, analyzer)
+    assert other.id != first.id and count(sessions, Frame, other.id) == 5
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 2
+
+
+def test_noface_then_face_hevc(sessions, analyzer):
+    job = analyze_video(clip("pyfeat_noface_face.mov"), Settings(sample_fps=5), sessions, analyzer)
+    assert job.status == "done" and job.codec == "hevc"
+    with sessions() as s:
+        rows = timeline_rows(s, job.id)
+    first_half = [r for r in rows if r["time_s"] < 2.5]
+    last_part = [r for r in rows if r["time_s"] > 4.5]
+    assert first_half and all(r["face"] is None for r in first_half)  # the cartoon: gaps, not missing rows
+    assert last_part and all(r["face"] == 0 for r in last_part)
+    assert len({r["frame"] for r in rows}) == len(rows)  # one face at most per frame here
+
+
+def test_time_range(sessions, analyzer):
+    job = analyze_video(clip("pyfeat_WolfgangLanger_Pexels.mp4"), Settings(sample_fps=2, start_s=5, end_s=8),
+                        sessions, analyzer)  # fmt: skip
+    with sessions() as s:
+        times = [r["time_s"] for r in timeline_rows(s, job.id)]
+    assert times[0] >= 5 and times[-1] < 8 and len(times) == 6
+
+
+def test_two_faces_side_by_side(tmp_path, sessions, analyzer):
+    two = tmp_path / "two.mp4"
+    ffmpeg("-i", str(clip("pyfeat_single_face.mp4")), "-i", str(clip("pyfeat_WolfgangLanger_Pexels.mp4")),
+           "-filter_complex", "[0:v][1:v]hstack=inputs=2:shortest=1", "-c:v", "libx264", "-preset", "ultrafast",
+           str(two))  # fmt: skip
+    job = analyze_video(two, Settings(sample_fps=10), sessions, analyzer)
+    assert job.status == "done" and job.width == 1280
+    with sessions() as s:
+        rows = timeline_rows(s, job.id)
+    frames = sorted({r["frame"] for r in rows})
+    assert len(frames) >= 20
+    for f in frames:
+        faces = sorted((r for r in rows if r["frame"] == f), key=lambda r: r["x1"])
+        assert [r["face"] is not None for r in faces] == [True, True], f"frame {f}"
+        assert faces[0]["x2"] < 640 < faces[1]["x1"]  # one in each half, each its own row
+        assert {r["face"] for r in faces} == {0, 1}
+
+
+def test_rotated_phone_video(tmp_path, sessions, analyzer):
+    rotated = tmp_path / "rotated.mp4"
+    ffmpeg("-display_rotation", "90", "-i", str(clip("pyfeat_single_face.mp4")), "-c", "copy", str(rotated))
+    job = analyze_video(rotated, Settings(sample_fps=5), sessions, analyzer)
+    assert job.status == "done"
+    assert (job.width, job.height) == (360, 640)  # the frames as displayed
+    assert count(sessions, Face, job.id) == count(sessions, Frame, job.id) == 12
+
+
+def test_4k_frames(tmp_path, sessions, analyzer):
+    big = tmp_path / "4k.mp4"
+    ffmpeg("-i", str(clip("pyfeat_single_face.mp4")), "-t", "1", "-vf", "scale=3840:2160", "-c:v", "libx264",
+           "-preset", "ultrafast", str(big))  # fmt: skip
+    job = analyze_video(big, Settings(sample_fps=5), sessions, analyzer)
+    assert job.status == "done" and job.width == 3840
+    with sessions() as s:
+        rows = timeline_rows(s, job.id)
+    assert len(rows) == 5 and all(r["face"] == 0 for r in rows)
+    assert all(r["x2"] - r["x1"] > 600 for r in rows)  # a ~150 px face in 640x360 is ~900 px in 4K
+
+
+def test_frame_count_that_lies(tmp_path, sessions, analyzer):
+    # Matroska written to a pipe has no duration or index: OpenCV cannot know the frame count in advance.
+    mkv = tmp_path / "piped.mkv"
+    import imageio_ffmpeg
+
+    with open(mkv, "wb") as f:
+        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i",
+                        str(clip("pyfeat_single_face.mp4")), "-c", "copy", "-f", "matroska", "pipe:1"],
+                       stdout=f, check=True)  # fmt: skip
+    job = analyze_video(mkv, Settings(sample_fps=0), sessions, analyzer)
+    assert job.status == "done"
+    assert count(sessions, Frame, job.id) == 72 and count(sessions, Face, job.id) == 72
+
+
+def _fails(path, sessions, analyzer, *needles: str) -> Job:
+    job = analyze_video(path, Settings(), sessions, analyzer)
+    assert job.status == "failed"
+    assert job.error and "\n" not in job.error and all(n in job.error for n in needles), job.error
+    assert count(sessions, Frame, job.id) == 0
+    return job
+
+
+def test_missing_file(tmp_path, sessions, analyzer):
+    from model.errors import FervidError
+
+    with pytest.raises(FervidError, match="file not found"):
+        analyze_video(tmp_path / "nope.mp4", Settings(), sessions, analyzer)
+    proc = run_cli("analyze", str(tmp_path / "nope.mp4"), "--db", f"sqlite:///{tmp_path / 'x.db'}")
+    assert proc.returncode != 0 and "nope.mp4" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_random_bytes(tmp_path, sessions, analyzer):
+    bad = tmp_path / "random.mp4"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    _fails(bad, sessions, analyzer, "random.mp4", "not a video")
+
+
+def test_text_file_named_mp4(tmp_path, sessions, analyzer):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("this is not a video\n" * 100)
+    _fails(bad, sessions, analyzer, "notes.mp4", "not a video")
+
+
+def test_no_video_stream(tmp_path, sessions, analyzer):
+    silent = tmp_path / "audio_only.mp4"
+    ffmpeg("-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono", "-t", "1", str(silent))
+    _fails(silent, sessions, analyzer, "audio_only.mp4")
+
+
+def test_truncated_clip(tmp_path, sessions, analyzer):
+    data = clip("pyfeat_WolfgangLanger_Pexels.mp4").read_bytes()
+    cut = tmp_path / "truncated.mp4"
+    cut.write_bytes(data[: len(data) // 3])
+    job = analyze_video(cut, Settings(), sessions, analyzer)
+    # Either the container is unreadable (failed, with a reason) or the readable part is analysed.
+    if job.status == "failed":
+        assert "truncated.mp4" in job.error
+    else:
+        assert job.status == "done" and count(sessions, Face, job.id) > 0
+
+
+def test_cli_reports_bad_video_and_goes_on(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    proc = run_cli("analyze", str(bad), str(clip("pyfeat_single_face.mp4")), "--fps", "2",
+                   "--db", f"sqlite:///{tmp_path / 'x.db'}")  # fmt: skip
+    assert proc.returncode == 1
+    assert "bad.mp4: FAILED" in proc.stdout and "pyfeat_single_face.mp4: job" in proc.stdout
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_schema_from_migrations(backend, tmp_path, pg_url):
+    url = f"sqlite:///{tmp_path / 's.db'}" if backend == "sqlite" else pg_url
+    engine = make_engine(url)
+    migrate(engine)
+    migrate(engine)  # idempotent
+    insp = inspect(engine)
+    assert {"jobs", "frames", "faces", "alembic_version"} <= set(insp.get_table_names())
+    assert [c["name"] for c in insp.get_columns("faces")][:4] == ["job_id", "frame_index", "face", "time_ms"]
+    assert "ix_faces_job_time" in {i["name"] for i in insp.get_indexes("faces")}
+    assert insp.get_pk_constraint("frames")["constrained_columns"] == ["job_id", "frame_index"]
+
+
+def test_pipeline_on_postgresql(pg_url, analyzer):
+    sessions = open_database(pg_url)
+    job = analyze_video(clip("pyfeat_single_face.mp4"), Settings(sample_fps=5), sessions, analyzer)
+    assert job.status == "done" and count(sessions, Face, job.id) == 12
+    again = analyze_video(clip("pyfeat_single_face.mp4"), Settings(sample_fps=5), sessions, analyzer)
+    assert again.id == job.id and count(sessions, Face, job.id) == 12
