@@ -45,7 +45,8 @@ def count(sessions, table, job_id) -> int:
 
 def test_analyze_cli_writes_csv_json_and_plot(tmp_path):
     out = tmp_path
-    proc = run_cli("analyze", str(clip("pyfeat_single_face.mp4")), "--fps", "10", "--db", f"sqlite:///{out / 'db.sqlite'}",
+    db = f"sqlite:///{out / 'db.sqlite'}"
+    proc = run_cli("analyze", str(clip("pyfeat_single_face.mp4")), "--fps", "10", "--db", db,
                    "--csv", str(out / "t.csv"), "--json", str(out / "t.json"), "--plot", str(out / "t.png"),
                    check=True)  # fmt: skip
     assert "frames analysed" in proc.stdout and "emotions:" in proc.stdout and str(out / "t.png") in proc.stdout
@@ -120,11 +121,14 @@ def test_two_faces_side_by_side(tmp_path, sessions, analyzer):
 
 
 def test_rotated_phone_video(tmp_path, sessions, analyzer):
-    rotated = tmp_path / "rotated.mp4"
-    ffmpeg("-display_rotation", "90", "-i", str(clip("pyfeat_single_face.mp4")), "-c", "copy", str(rotated))
+    # As a phone stores it: pixels turned sideways, plus metadata that turns them upright for display.
+    sideways, rotated = tmp_path / "sideways.mp4", tmp_path / "rotated.mp4"
+    ffmpeg("-i", str(clip("pyfeat_single_face.mp4")), "-vf", "transpose=1", "-c:v", "libx264", "-preset", "ultrafast",
+           str(sideways))  # fmt: skip
+    ffmpeg("-display_rotation", "90", "-i", str(sideways), "-c", "copy", str(rotated))
     job = analyze_video(rotated, Settings(sample_fps=5), sessions, analyzer)
     assert job.status == "done"
-    assert (job.width, job.height) == (360, 640)  # the frames as displayed
+    assert (job.width, job.height) == (640, 360)  # the frames as displayed, upright
     assert count(sessions, Face, job.id) == count(sessions, Frame, job.id) == 12
 
 
@@ -192,13 +196,17 @@ def test_no_video_stream(tmp_path, sessions, analyzer):
 def test_truncated_clip(tmp_path, sessions, analyzer):
     data = clip("pyfeat_WolfgangLanger_Pexels.mp4").read_bytes()
     cut = tmp_path / "truncated.mp4"
-    cut.write_bytes(data[: len(data) // 3])
+    cut.write_bytes(data[: len(data) // 3])  # the index (moov) is at the front: a third of the frames decode
     job = analyze_video(cut, Settings(), sessions, analyzer)
-    # Either the container is unreadable (failed, with a reason) or the readable part is analysed.
-    if job.status == "failed":
-        assert "truncated.mp4" in job.error
-    else:
-        assert job.status == "done" and count(sessions, Face, job.id) > 0
+    assert job.status == "failed", "a truncated file must not look complete"
+    assert "truncated.mp4" in job.error and "truncated or corrupt" in job.error and "of 19.7 s" in job.error
+    assert job.frames_analyzed > 0  # what could be decoded is kept, under a failed job
+
+
+def test_truncated_before_the_first_frame(tmp_path, sessions, analyzer):
+    cut = tmp_path / "stub.mp4"
+    cut.write_bytes(clip("pyfeat_WolfgangLanger_Pexels.mp4").read_bytes()[:3000])
+    _fails(cut, sessions, analyzer, "stub.mp4")
 
 
 def test_cli_reports_bad_video_and_goes_on(tmp_path):

@@ -29,7 +29,7 @@ from model.loader import load_model
 from model.retinaface import load_retinaface
 from worker.crops import align_faces, to_gray
 from worker.schema import EMOTIONS, Face, Frame, Job
-from worker.video import FrameBatches, probe
+from worker.video import DecodeState, FrameBatches, VideoInfo, probe
 
 DETECTOR = "retinaface-mnet0.25"
 # RetinaFace's smallest anchors are 16 px; a face of `min_face` pixels must still be ~20 px at the detector's
@@ -239,6 +239,7 @@ def analyze_video(
                 if on_progress:
                     on_progress(len(frame_rows), expected)
             times.seconds["decode"] = batches.decode_seconds
+            _check_complete(path, info, batches.state, settings)
         if n_frames == 0:
             raise FervidError(f"{path}: no frames in the time range {settings.start_s}..{settings.end_s} s")
         return _finish(sessions, job_id, "done", None, times, t_start)
@@ -249,6 +250,21 @@ def analyze_video(
     except Exception as e:  # an unexpected failure still ends the job visibly, then propagates
         _finish(sessions, job_id, "failed", f"{type(e).__name__}: {e}", times, t_start)
         raise
+
+
+def _check_complete(path: Path, info: VideoInfo, state: DecodeState, settings: Settings) -> None:
+    """A stream that ends well before the container says it should is truncated or corrupt: fail the job.
+
+    Containers that estimate their frame count can be off by a few percent, so only a clear shortfall counts.
+    """
+    if not state.reached_eof or settings.end_s is not None or info.frame_count < 10 or not info.duration_s:
+        return
+    decoded = state.last_index + 1
+    if decoded < 0.9 * info.frame_count and state.last_ms < 0.9 * info.duration_s * 1000:
+        raise FervidError(
+            f"{path}: decoding stopped at {max(state.last_ms, 0) / 1000:.1f} s of {info.duration_s:.1f} s "
+            f"(frame {decoded} of {info.frame_count}): the file is truncated or corrupt"
+        )
 
 
 def _finish(sessions: sessionmaker, job_id: int, status: str, error: str | None, times: StageTimes,

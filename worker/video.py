@@ -87,22 +87,35 @@ def _sampled(t_ms: float, prev_ms: float | None, sample_fps: float) -> bool:
     return k_now > k_prev
 
 
+@dataclass
+class DecodeState:
+    """How far decoding got: the last frame grabbed (sampled or not) and whether the stream itself ended."""
+
+    last_index: int = -1
+    last_ms: float = -1.0
+    reached_eof: bool = False
+
+
 def iter_frames(
-    path: str | Path, sample_fps: float = 5.0, start_s: float = 0.0, end_s: float | None = None
-) -> Iterator[tuple[int, float, np.ndarray]]:
+    path: str | Path, sample_fps: float = 5.0, start_s: float = 0.0, end_s: float | None = None,
+    state: DecodeState | None = None,
+) -> Iterator[tuple[int, float, np.ndarray]]:  # fmt: skip
     """(frame index, timestamp ms, BGR frame) for each sampled frame with start <= t < end."""
     path = Path(path)
+    state = state if state is not None else DecodeState()
     cap = _open(path)
     try:
         index, prev_ms = -1, None
         start_ms, end_ms = start_s * 1000, (end_s * 1000 if end_s is not None else math.inf)
         while True:
             if not cap.grab():
+                state.reached_eof = True
                 break
             index += 1
             t_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
             if t_ms >= end_ms:
                 break
+            state.last_index, state.last_ms = index, t_ms
             take = t_ms >= start_ms and _sampled(t_ms, prev_ms, sample_fps)
             prev_ms = t_ms
             if not take:
@@ -129,6 +142,7 @@ class FrameBatches:
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self.decode_seconds = 0.0
+        self.state = DecodeState()
         self._thread = threading.Thread(target=self._run, name="fervid-decode", daemon=True)
         self._thread.start()
 
@@ -150,7 +164,7 @@ class FrameBatches:
             frames: list[np.ndarray] = []
             limit = self._batch_size
             t0 = time.perf_counter()
-            for i, t_ms, frame in iter_frames(*self._args):
+            for i, t_ms, frame in iter_frames(*self._args, state=self.state):
                 if not frames:
                     limit = max(1, min(self._batch_size, MAX_BATCH_PIXELS // (frame.shape[0] * frame.shape[1])))
                 if frames and frame.shape != frames[0].shape:  # a resolution change mid-stream
