@@ -71,8 +71,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from worker import query
     from worker.db import database_url, display_url, open_database
-    from worker.export import plot_timeline, summarize, timeline_rows, write_csv, write_json
+    from worker.export import summarize, write_csv, write_json
     from worker.pipeline import Analyzer, Settings, analyze_video
 
     settings = Settings(sample_fps=args.fps, start_s=args.start, end_s=args.end, model=args.model,
@@ -81,7 +82,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     url = database_url(args.db)
     sessions = open_database(url)
     analyzer = Analyzer(args.model, args.device, args.threshold, args.min_face)
-    done, all_rows, failed = [], [], 0
+    done, failed = [], 0
     for video in args.videos:
         bar = tqdm(desc=Path(video).name, unit="frame", dynamic_ncols=True, leave=False)
 
@@ -90,37 +91,140 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                 bar.total = total
             bar.update(n)
 
-        job = analyze_video(video, settings, sessions, analyzer, batch_size=args.batch_size, on_progress=progress)
+        try:
+            job = analyze_video(video, settings, sessions, analyzer, batch_size=args.batch_size, on_progress=progress)
+        except FervidError as e:  # no job could be recorded (a missing file)
+            bar.close()
+            failed += 1
+            print(f"{video}: FAILED: {e}")
+            continue
         bar.close()
-        with sessions() as s:
-            rows = timeline_rows(s, job.id)
-        summary = summarize(job, rows)
         if job.status != "done":
             failed += 1
             print(f"{video}: FAILED (job {job.id}): {job.error}")
             continue
-        done.append((job, rows))
-        all_rows += rows
+        df = query.timeline(job.id, db=sessions)
+        done.append((job, df))
+        summary = summarize(df)
         top = sorted(summary["emotion_share"].items(), key=lambda kv: -kv[1])
         share = ", ".join(f"{e} {v:.0%}" for e, v in top if v >= 0.005) or "no faces"
         print(f"{video}: job {job.id} done in {job.timings['total']:.1f} s")
         print(f"  duration {job.duration_s or 0:.1f} s, {summary['frames_analyzed']} frames analysed "
-              f"({summary['frames_with_faces']} with faces), {summary['faces_found']} faces")  # fmt: skip
+              f"({summary['frames_with_faces']} with faces), {summary['faces_found']} faces, "
+              f"{df['track'].nunique()} tracks")  # fmt: skip
         print(f"  emotions: {share}")
         if args.plot:
             out = Path(args.plot)
             if len(args.videos) > 1:
                 out = out.with_name(f"{out.stem}-{Path(video).stem}{out.suffix}")
-            plot_timeline(job, rows, out)
+            query.plot(df, out, title=f"job {job.id}: {Path(video).name}")
             print(f"  plot: {out}")
-    if args.csv:
-        write_csv(all_rows, args.csv)
+    if args.csv and done:
+        import pandas as pd
+
+        write_csv(pd.concat([df for _, df in done]), args.csv)
         print(f"CSV: {args.csv}")
-    if args.json:
+    if args.json and done:
         write_json(done, args.json)
         print(f"JSON: {args.json}")
     print(f"timelines stored in {display_url(url)}")
     return 1 if failed else 0
+
+
+def _note(df: object) -> None:
+    note = getattr(df, "attrs", {}).get("note")
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _cmd_timeline(args: argparse.Namespace) -> int:
+    from worker import query
+
+    df = query.timeline(args.job, track=args.track, start_s=args.start, end_s=args.end, smooth_s=args.smooth,
+                        smooth_method=args.smooth_method, db=args.db)  # fmt: skip
+    _note(df)
+    df = df.round({"time_s": 4, "x1": 1, "y1": 1, "x2": 1, "y2": 1, "det_score": 4} | {e: 5 for e in query.EMOTIONS})
+    fmt = args.format
+    if fmt == "parquet":
+        if not args.out:
+            raise FervidError("--format parquet needs --out FILE")
+        df.to_parquet(args.out, index=False)
+    elif fmt == "csv":
+        df.to_csv(args.out or sys.stdout, index=False)
+    elif fmt == "json":
+        text = df.to_json(orient="records")
+        _write(text, args.out)
+    else:
+        _write(df.astype(object).where(df.notna(), "").to_string(index=False) + "\n", args.out)
+    if args.out:
+        print(f"{len(df)} rows written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _write(text: str, out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    import json
+
+    from worker import query
+
+    summ = query.summary(args.job, db=args.db, window_s=args.window)
+    if summ["partial"]:
+        print(
+            f"note: job {args.job} is still {summ['status']}: this summary covers what exists so far", file=sys.stderr
+        )
+    if args.format == "json":
+        _write(json.dumps(summ, indent=1) + "\n", args.out)
+        return 0
+    lines = [f"job {summ['job']}: {summ['path']} ({summ['status']}), {summ['frames_analyzed']} frames analysed"]
+    if summ["video"] is None:
+        lines.append("  no faces found")
+    for name, d in [("whole video", summ["video"])] + [(f"track {t}", d) for t, d in summ["tracks"].items()]:
+        if d is None:
+            continue
+        shares = ", ".join(f"{e} {v:.0%}" for e, v in sorted(d["dominant_share"].items(), key=lambda kv: -kv[1])
+                           if v >= 0.005)  # fmt: skip
+        lines.append(f"{name}: {d['first_s']:.1f}-{d['last_s']:.1f} s, {d['time_on_screen_s']:.1f} s on screen, "
+                     f"{d['faces']} faces; dominant: {d['dominant']}")  # fmt: skip
+        lines.append(f"  share of time: {shares}")
+        lines.append("  mean: " + ", ".join(f"{e} {v:.2f}" for e, v in d["mean"].items()))
+        lines.append("  peaks: " + ", ".join(f"{e} {p['probability']:.2f} at {_mmss(p['time_s'])}"
+                                             for e, p in d["peaks"].items()))  # fmt: skip
+        if d["strongest_rise"]:
+            e, r = max(d["strongest_rise"].items(), key=lambda kv: kv[1]["change"])
+            lines.append(f"  strongest change: {e} +{r['change']:.2f} at {_mmss(r['time_s'])}")
+        lines.append("  by window: " + "; ".join(f"{_mmss(w['from_s'])}-{_mmss(w['to_s'])} {w['dominant']}"
+                                                 for w in d["windows"]))  # fmt: skip
+    _write("\n".join(lines) + "\n", args.out)
+    return 0
+
+
+def _mmss(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from worker import query
+
+    if not args.out and not args.annotate_video:
+        raise FervidError("give --out FILE.png and/or --annotate-video OUT.mp4")
+    df = query.timeline(args.job, track=args.track, smooth_s=args.smooth, db=args.db)
+    _note(df)
+    if args.out:
+        query.plot(df, args.out, title=f"job {args.job}")
+        print(f"plot: {args.out}")
+    if args.annotate_video:
+        n = query.annotate_video(args.job, Path(args.annotate_video), db=args.db)
+        print(f"annotated video: {args.annotate_video} ({n} frames)")
+    return 0
 
 
 def _device(name: str) -> str:
@@ -176,6 +280,36 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", metavar="FILE", help="write the jobs and their rows as JSON")
     a.add_argument("--plot", metavar="PNG", help="plot each video's emotion probabilities over time")
     a.set_defaults(func=_cmd_analyze)
+
+    tl = sub.add_parser("timeline", help="a job's per-frame emotion timeline, per track")
+    tl.add_argument("job", type=int)
+    tl.add_argument("--track", type=int, help="only this track (person)")
+    tl.add_argument("--from", dest="start", type=float, metavar="S", help="from this time (seconds)")
+    tl.add_argument("--to", dest="end", type=float, metavar="S", help="up to this time (seconds)")
+    tl.add_argument("--smooth", type=float, metavar="SECONDS", help="smooth probabilities over this much time")
+    tl.add_argument("--smooth-method", choices=["mean", "ema"], default="mean",
+                    help="centred moving average, or exponential with --smooth as half-life")  # fmt: skip
+    tl.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    tl.add_argument("--out", metavar="FILE")
+    tl.add_argument("--db", help="SQLAlchemy database URL (default: FERVID_DATABASE_URL, else the SQLite file)")
+    tl.set_defaults(func=_cmd_timeline)
+
+    su = sub.add_parser("summary", help="per track and whole-video emotion summary of a job")
+    su.add_argument("job", type=int)
+    su.add_argument("--format", choices=["table", "json"], default="table")
+    su.add_argument("--window", type=float, default=5.0, help="seconds per window of the dominant-emotion list")
+    su.add_argument("--out", metavar="FILE")
+    su.add_argument("--db")
+    su.set_defaults(func=_cmd_summary)
+
+    pl = sub.add_parser("plot", help="plot a job's emotions over time; optionally annotate its video")
+    pl.add_argument("job", type=int)
+    pl.add_argument("--out", metavar="PNG")
+    pl.add_argument("--track", type=int)
+    pl.add_argument("--smooth", type=float, metavar="SECONDS")
+    pl.add_argument("--annotate-video", metavar="MP4", help="write the video with boxes, track ids and labels")
+    pl.add_argument("--db")
+    pl.set_defaults(func=_cmd_plot)
 
     m = sub.add_parser("models", help="list the emotion models and their shipped weights")
     m.add_argument("--json", action="store_true")

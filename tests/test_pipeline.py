@@ -13,8 +13,9 @@ from sqlalchemy import func, inspect, select
 
 from tests.conftest import run_cli, shared_path
 from worker.db import make_engine, migrate, open_database
-from worker.export import CSV_COLUMNS, timeline_rows
+from worker.export import CSV_COLUMNS
 from worker.pipeline import Analyzer, Settings, analyze_video
+from worker.query import timeline
 from worker.schema import Face, Frame, Job
 
 
@@ -36,6 +37,11 @@ def sessions(tmp_path):
 
 def clip(name: str) -> Path:
     return shared_path("videos", name)
+
+
+def _rows(sessions, job_id) -> list[dict]:
+    df = timeline(job_id, db=sessions).astype(object)
+    return df.where(df.notna(), None).to_dict("records")
 
 
 def count(sessions, table, job_id) -> int:
@@ -85,8 +91,7 @@ def test_rerun_replaces_rows(sessions, analyzer):
 def test_noface_then_face_hevc(sessions, analyzer):
     job = analyze_video(clip("pyfeat_noface_face.mov"), Settings(sample_fps=5), sessions, analyzer)
     assert job.status == "done" and job.codec == "hevc"
-    with sessions() as s:
-        rows = timeline_rows(s, job.id)
+    rows = _rows(sessions, job.id)
     first_half = [r for r in rows if r["time_s"] < 2.5]
     last_part = [r for r in rows if r["time_s"] > 4.5]
     assert first_half and all(r["face"] is None for r in first_half)  # the cartoon: gaps, not missing rows
@@ -97,8 +102,7 @@ def test_noface_then_face_hevc(sessions, analyzer):
 def test_time_range(sessions, analyzer):
     job = analyze_video(clip("pyfeat_WolfgangLanger_Pexels.mp4"), Settings(sample_fps=2, start_s=5, end_s=8),
                         sessions, analyzer)  # fmt: skip
-    with sessions() as s:
-        times = [r["time_s"] for r in timeline_rows(s, job.id)]
+    times = [r["time_s"] for r in _rows(sessions, job.id)]
     assert times[0] >= 5 and times[-1] < 8 and len(times) == 6
 
 
@@ -109,8 +113,7 @@ def test_two_faces_side_by_side(tmp_path, sessions, analyzer):
            str(two))  # fmt: skip
     job = analyze_video(two, Settings(sample_fps=10), sessions, analyzer)
     assert job.status == "done" and job.width == 1280
-    with sessions() as s:
-        rows = timeline_rows(s, job.id)
+    rows = _rows(sessions, job.id)
     frames = sorted({r["frame"] for r in rows})
     assert len(frames) >= 20
     for f in frames:
@@ -138,8 +141,7 @@ def test_4k_frames(tmp_path, sessions, analyzer):
            "-preset", "ultrafast", str(big))  # fmt: skip
     job = analyze_video(big, Settings(sample_fps=5), sessions, analyzer)
     assert job.status == "done" and job.width == 3840
-    with sessions() as s:
-        rows = timeline_rows(s, job.id)
+    rows = _rows(sessions, job.id)
     assert len(rows) == 5 and all(r["face"] == 0 for r in rows)
     assert all(r["x2"] - r["x1"] > 600 for r in rows)  # a ~150 px face in 640x360 is ~900 px in 4K
 

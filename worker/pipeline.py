@@ -29,6 +29,7 @@ from model.loader import load_model
 from model.retinaface import load_retinaface
 from worker.crops import align_faces, to_gray
 from worker.schema import EMOTIONS, Face, Frame, Job
+from worker.tracks import assign_tracks
 from worker.video import DecodeState, FrameBatches, VideoInfo, probe
 
 DETECTOR = "retinaface-mnet0.25"
@@ -242,6 +243,9 @@ def analyze_video(
             _check_complete(path, info, batches.state, settings)
         if n_frames == 0:
             raise FervidError(f"{path}: no frames in the time range {settings.start_s}..{settings.end_s} s")
+        t = time.perf_counter()
+        assign_tracks(sessions, job_id)
+        times.add("track", t, torch.device("cpu"))
         return _finish(sessions, job_id, "done", None, times, t_start)
     except FervidError as e:
         return _finish(sessions, job_id, "failed", str(e), times, t_start)

@@ -85,6 +85,7 @@ class Face(Base):
     frame_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     face: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     time_ms: Mapped[float] = mapped_column(Float)
+    track: Mapped[int | None] = mapped_column(Integer)  # the person, across frames (worker.tracks)
     x1: Mapped[float] = mapped_column(Float)
     y1: Mapped[float] = mapped_column(Float)
     x2: Mapped[float] = mapped_column(Float)
@@ -100,4 +101,7 @@ class Face(Base):
     neutral: Mapped[float] = mapped_column(Float)
     emotion: Mapped[str] = mapped_column(String(16))
 
-    __table_args__ = (Index("ix_faces_job_time", "job_id", "time_ms"),)
+    __table_args__ = (
+        Index("ix_faces_job_time", "job_id", "time_ms"),
+        Index("ix_faces_job_track_time", "job_id", "track", "time_ms"),
+    )
