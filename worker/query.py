@@ -113,7 +113,7 @@ def smooth(df: pd.DataFrame, seconds: float, method: str = "mean") -> pd.DataFra
     has = df["track"].notna()
     probs = list(EMOTIONS)
     for _, g in df[has].groupby("track"):
-        times = pd.to_timedelta(g["time_s"], unit="s")
+        times = pd.to_datetime(g["time_s"], unit="s")  # ewm needs datetimes, not timedeltas
         x = g[probs].set_index(times)
         if method == "mean":
             y = x.rolling(pd.Timedelta(seconds=seconds), center=True, min_periods=1).mean()
