@@ -7,6 +7,7 @@ a job of a million faces is never loaded whole to answer them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.errors import FervidError
-from worker.db import open_database
+from worker.db import database_url, open_database
 from worker.schema import EMOTIONS, Face, Frame, Job
 
 TIMELINE_COLUMNS = ["job", "frame", "time_s", "face", "track", "x1", "y1", "x2", "y2", "det_score", *EMOTIONS,
@@ -39,8 +40,14 @@ class JobView:
         return None
 
 
+@functools.lru_cache(maxsize=8)
+def _open_cached(url: str) -> sessionmaker:
+    return open_database(url)
+
+
 def _sessions(db: str | sessionmaker | None) -> sessionmaker:
-    return db if isinstance(db, sessionmaker) else open_database(db)
+    """A session factory; URLs are opened (and migrated) once per process, so repeated notebook calls are quick."""
+    return db if isinstance(db, sessionmaker) else _open_cached(database_url(db))
 
 
 def get_job(session: Session, job_id: int, allow_failed: bool = False) -> JobView:
