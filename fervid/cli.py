@@ -227,6 +227,94 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    import time
+
+    from worker.db import open_database
+    from worker.jobs import expand_inputs, job_status, model_versions, submit
+    from worker.pipeline import Settings
+    from worker.tasks import enqueue
+
+    settings = Settings(sample_fps=args.fps, start_s=args.start, end_s=args.end, model=args.model)
+    settings.validate()
+    sessions = open_database(args.db)
+    versions = model_versions(args.model)
+    ids, failed = [], 0
+    for path in expand_inputs(args.videos):
+        try:
+            sub_ = submit(sessions, path, settings, priority=args.priority, segment_s=args.segment,
+                          force=args.force, versions=versions)  # fmt: skip
+        except FervidError as e:
+            failed += 1
+            print(f"{path}: refused: {e}")
+            continue
+        if sub_.duplicate:
+            print(f"{path}: already submitted as job {sub_.job_id} ({sub_.status}); --force to redo it")
+        else:
+            try:
+                enqueue(sub_.job_id, sub_.segments, args.priority)
+            except Exception as e:  # the broker is down: say so, and leave the job visibly failed
+                from worker.jobs import mark_failed
+
+                mark_failed(sessions, sub_.job_id, 0, f"could not queue the job: {type(e).__name__}", attempts=1)
+                raise FervidError(f"cannot reach the queue (FERVID_BROKER_URL): {type(e).__name__}") from None
+            print(f"{path}: job {sub_.job_id} queued ({sub_.segments} segment{'s' * (sub_.segments > 1)})")
+        ids.append(sub_.job_id)
+    if args.wait and ids:
+        from tqdm import tqdm
+
+        bars = {}
+        while True:
+            with sessions() as s:
+                rows = job_status(s, ids)
+            for i, r in enumerate(rows):
+                if r["job"] not in bars:
+                    bars[r["job"]] = tqdm(total=max(r["segments"], 1), desc=f"job {r['job']}", position=i,
+                                          unit="seg", dynamic_ncols=True)  # fmt: skip
+                b = bars[r["job"]]
+                b.n = r["segments_done"] if r["state"] != "done" else b.total
+                b.set_postfix(state=r["state"], frames=r["frames"], refresh=False)
+                b.refresh()
+            if all(r["state"] in ("done", "failed") for r in rows):
+                break
+            time.sleep(1)
+        for b in bars.values():
+            b.close()
+        for r in rows:
+            print(f"job {r['job']}: {r['state']}" + (f": {r['error']}" if r["error"] else ""))
+        failed += sum(r["state"] == "failed" for r in rows)
+    return 1 if failed else 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from worker.db import open_database
+    from worker.jobs import job_status
+
+    with open_database(args.db)() as s:
+        rows = job_status(s, args.jobs or None, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    head = f"{'job':>5}  {'state':<8}{'segments':>9}{'frames':>8}{'faces':>7}  {'worker':<24}{'gpu':<5}{'s':>7}  video"
+    print(head)
+    for r in rows:
+        secs = f"{r['seconds']:.1f}" if r["seconds"] else "-"
+        worker, gpu = (r["worker"] or "-")[:23], r["gpu"] or "-"
+        print(f"{r['job']:>5}  {r['state']:<8}{r['segments_done']:>4}/{r['segments']:<4}{r['frames']:>8}"
+              f"{r['faces']:>7}  {worker:<24}{gpu:<5}{secs:>7}  {r['path']}")  # fmt: skip
+        if r["error"]:
+            print(f"{'':>7}error: {r['error']}")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker.supervisor import run
+
+    return run(args.gpus, args.concurrency, args.loglevel)
+
+
 def _device(name: str) -> str:
     from training.train import resolve_device
 
@@ -280,6 +368,32 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", metavar="FILE", help="write the jobs and their rows as JSON")
     a.add_argument("--plot", metavar="PNG", help="plot each video's emotion probabilities over time")
     a.set_defaults(func=_cmd_analyze)
+
+    sb = sub.add_parser("submit", help="queue videos for the workers (Redis + the database)")
+    sb.add_argument("videos", nargs="+", metavar="VIDEO|GLOB|@LIST")
+    sb.add_argument("--fps", type=float, default=5.0, help="frames per second of video time (0 = all)")
+    sb.add_argument("--start", type=float, default=0.0)
+    sb.add_argument("--end", type=float, default=None)
+    sb.add_argument("--model", default="small")
+    sb.add_argument("--priority", type=int, default=0, choices=range(10), metavar="0-9", help="9 runs first")
+    sb.add_argument("--segment", type=float, default=60.0, help="seconds of video per task (long videos)")
+    sb.add_argument("--force", action="store_true", help="redo a video already submitted with these settings")
+    sb.add_argument("--wait", action="store_true", help="show progress until the jobs end")
+    sb.add_argument("--db")
+    sb.set_defaults(func=_cmd_submit)
+
+    st = sub.add_parser("status", help="table of jobs: state, progress, worker, timings, error")
+    st.add_argument("jobs", nargs="*", type=int, metavar="JOB")
+    st.add_argument("--limit", type=int, default=50)
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--db")
+    st.set_defaults(func=_cmd_status)
+
+    wk = sub.add_parser("worker", help="start Celery workers: one per GPU, or CPU workers")
+    wk.add_argument("--gpus", help="all, none, or a list like 0,1 (default: every GPU PyTorch sees)")
+    wk.add_argument("--concurrency", type=int, default=1, help="CPU worker processes when there is no GPU")
+    wk.add_argument("--loglevel", default="INFO")
+    wk.set_defaults(func=_cmd_worker)
 
     tl = sub.add_parser("timeline", help="a job's per-frame emotion timeline, per track")
     tl.add_argument("job", type=int)

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,6 +86,10 @@ class StageTimes:
         now = time.perf_counter()
         self.seconds[stage] += now - t0
         return now
+
+    def merge(self, other: dict[str, float]) -> None:
+        for k, v in other.items():
+            self.seconds[k] += v
 
 
 class Analyzer:
@@ -193,6 +197,31 @@ def _rows(job_id: int, indices: list[int], times_ms: list[float], faces: list[Fr
     return frame_rows, face_rows
 
 
+def iter_rows(
+    job_id: int,
+    path: Path,
+    info: VideoInfo,
+    settings: Settings,
+    analyzer: Analyzer,
+    times: StageTimes,
+    batch_size: int = 16,
+) -> Iterator[tuple[list[dict], list[dict]]]:
+    """(frame rows, face rows) per batch of the sampled frames in settings' time range; then checks that a
+    range running to the end of the video really reached it (truncated files fail)."""
+    with FrameBatches(path, settings.sample_fps, settings.start_s, settings.end_s, batch_size) as batches:
+        for batch in batches:
+            faces = analyzer.process(batch.frames, times)
+            yield _rows(job_id, batch.indices, batch.times_ms, faces)
+        times.seconds["decode"] += batches.decode_seconds
+        _check_complete(path, info, batches.state, settings)
+
+
+def record_video_info(session: Session, job_id: int, info: VideoInfo) -> None:
+    j = session.get(Job, job_id)
+    j.width, j.height, j.fps, j.codec = info.width, info.height, info.fps, info.codec
+    j.frame_count, j.duration_s = info.frame_count, info.duration_s or None
+
+
 def analyze_video(
     path: str | Path,
     settings: Settings,
@@ -201,10 +230,10 @@ def analyze_video(
     batch_size: int = 16,
     on_progress: Callable[[int, int | None], None] | None = None,
 ) -> Job:
-    """Analyse one video into the database. Returns the job; its status is "done" or "failed" (with `error`).
+    """Analyse one video into the database, in this process. Returns the job: "done", or "failed" with `error`.
 
-    Input problems (missing file, not a video, undecodable frames) end the job as failed; database errors
-    propagate after the job is marked failed where the database still answers.
+    Input problems (not a video, undecodable frames) end the job as failed; a missing file raises FervidError
+    before any job exists; database errors propagate after the job is marked failed where the database answers.
     """
     settings.validate()
     path = Path(path).expanduser().absolute()
@@ -216,31 +245,22 @@ def analyze_video(
     try:
         info = probe(path)
         with sessions.begin() as s:
-            j = s.get(Job, job_id)
-            j.width, j.height, j.fps, j.codec = info.width, info.height, info.fps, info.codec
-            j.frame_count, j.duration_s = info.frame_count, info.duration_s or None
+            record_video_info(s, job_id, info)
         end_s = settings.end_s if settings.end_s is not None else (info.duration_s or None)
         span = max(0.0, (end_s or 0) - settings.start_s)
         expected = (round(span * settings.sample_fps) if settings.sample_fps else info.frame_count) or None
         n_frames = n_faces = 0
-        with FrameBatches(path, settings.sample_fps, settings.start_s, settings.end_s, batch_size) as batches:
-            for batch in batches:
-                faces = analyzer.process(batch.frames, times)
-                t = time.perf_counter()
-                frame_rows, face_rows = _rows(job_id, batch.indices, batch.times_ms, faces)
-                n_frames += len(frame_rows)
-                n_faces += len(face_rows)
-                with sessions.begin() as s:
-                    s.execute(insert(Frame), frame_rows)
-                    if face_rows:
-                        s.execute(insert(Face), face_rows)
-                    j = s.get(Job, job_id)
-                    j.frames_analyzed, j.faces_found = n_frames, n_faces
-                times.add("write", t, torch.device("cpu"))
-                if on_progress:
-                    on_progress(len(frame_rows), expected)
-            times.seconds["decode"] = batches.decode_seconds
-            _check_complete(path, info, batches.state, settings)
+        for frame_rows, face_rows in iter_rows(job_id, path, info, settings, analyzer, times, batch_size):
+            t = time.perf_counter()
+            n_frames += len(frame_rows)
+            n_faces += len(face_rows)
+            with sessions.begin() as s:
+                write_rows(s, frame_rows, face_rows)
+                j = s.get(Job, job_id)
+                j.frames_analyzed, j.faces_found = n_frames, n_faces
+            times.add("write", t, torch.device("cpu"))
+            if on_progress:
+                on_progress(len(frame_rows), expected)
         if n_frames == 0:
             raise FervidError(f"{path}: no frames in the time range {settings.start_s}..{settings.end_s} s")
         t = time.perf_counter()
@@ -254,6 +274,14 @@ def analyze_video(
     except Exception as e:  # an unexpected failure still ends the job visibly, then propagates
         _finish(sessions, job_id, "failed", f"{type(e).__name__}: {e}", times, t_start)
         raise
+
+
+def write_rows(session: Session, frame_rows: list[dict], face_rows: list[dict]) -> None:
+    """Bulk inserts (executemany; one statement per table)."""
+    if frame_rows:
+        session.execute(insert(Frame), frame_rows)
+    if face_rows:
+        session.execute(insert(Face), face_rows)
 
 
 def _check_complete(path: Path, info: VideoInfo, state: DecodeState, settings: Settings) -> None:

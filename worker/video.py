@@ -96,19 +96,49 @@ class DecodeState:
     reached_eof: bool = False
 
 
+def _seek(cap: cv2.VideoCapture, start_s: float) -> int | None:
+    """Jump to ~2 s before `start_s` (a previous frame keeps the sampling grid); returns the index of the next
+    frame, or None when the container's timestamps don't map to frame numbers (variable frame rate), where only
+    decoding from the start gives the true frame numbers."""
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    if start_s < 5 or not fps or not math.isfinite(fps):
+        return None
+    cap.set(cv2.CAP_PROP_POS_MSEC, (start_s - 2) * 1000)
+    index = int(cap.get(cv2.CAP_PROP_POS_FRAMES))
+    if not cap.grab():
+        return None
+    t_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+    if abs(t_ms - index * 1000 / fps) > 250 / fps:
+        return None
+    return index
+
+
 def iter_frames(
     path: str | Path, sample_fps: float = 5.0, start_s: float = 0.0, end_s: float | None = None,
     state: DecodeState | None = None,
 ) -> Iterator[tuple[int, float, np.ndarray]]:  # fmt: skip
-    """(frame index, timestamp ms, BGR frame) for each sampled frame with start <= t < end."""
+    """(frame index, timestamp ms, BGR frame) for each sampled frame with start <= t < end.
+
+    Frame numbers count from the start of the stream, also when the range starts later (a segment): those seek
+    where the container's timestamps allow it and decode from the start otherwise.
+    """
     path = Path(path)
     state = state if state is not None else DecodeState()
     cap = _open(path)
     try:
-        index, prev_ms = -1, None
+        index, prev_ms, grabbed = -1, None, False
+        if start_s > 0:
+            seek_index = _seek(cap, start_s)
+            if seek_index is not None:
+                index, grabbed = seek_index - 1, True
+            else:
+                cap.release()
+                cap = _open(path)
         start_ms, end_ms = start_s * 1000, (end_s * 1000 if end_s is not None else math.inf)
         while True:
-            if not cap.grab():
+            if grabbed:
+                grabbed = False  # _seek already grabbed this frame
+            elif not cap.grab():
                 state.reached_eof = True
                 break
             index += 1
