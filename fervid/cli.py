@@ -316,7 +316,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> str:
-    from training.train import resolve_device
+    from model.device import resolve_device
 
     return str(resolve_device(name))
 

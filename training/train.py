@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.device import resolve_device
 from model.errors import FervidError
 from model.predict import normalize, predict_proba
 from model.registry import create_model
@@ -44,14 +45,6 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"  # bf16 autocast: auto = on CUDA and on CPUs with native bf16
     limit: int = 0  # use only the first N rows of each split (smoke tests)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FervidError("--device cuda asked for, but PyTorch sees no CUDA GPU")
-    return torch.device(name)
 
 
 def resolve_amp(amp: str, device: torch.device) -> bool:

@@ -21,13 +21,13 @@ from sqlalchemy import and_, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.errors import FervidError
+from model.weights import sha256_file
 from worker.media import check_media_path
 from worker.pipeline import (
     DETECTOR,
     Analyzer,
     Settings,
     StageTimes,
-    file_sha256,
     iter_rows,
     job_key,
     record_video_info,
@@ -106,7 +106,7 @@ def submit(
         raise FervidError(f"{path}: file not found")
     info = probe(real)  # not a video: refused now, not after a trip through the queue
     versions = versions or model_versions(settings.model)
-    sha = file_sha256(real)
+    sha = sha256_file(real)
     key = job_key(sha, settings, versions)
     with sessions.begin() as s:
         job = s.scalar(select(Job).where(Job.job_key == key))

@@ -24,9 +24,11 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from model.device import resolve_device
 from model.errors import FervidError
 from model.loader import load_model
 from model.retinaface import load_retinaface
+from model.weights import sha256_file
 from worker.crops import align_faces, to_gray
 from worker.schema import EMOTIONS, Face, Frame, Job
 from worker.tracks import assign_tracks
@@ -56,16 +58,6 @@ class Settings:
             raise FervidError(f"--min-face must be at least 1 pixel, got {self.min_face}")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FervidError("--device cuda asked for, but PyTorch sees no CUDA GPU")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise FervidError(f"unknown device {name!r} (cpu, cuda, cuda:N or auto)")
-    return torch.device(name)
-
-
 @dataclass
 class FrameFaces:
     """The faces found in one frame, on the CPU, ready to store."""
@@ -86,10 +78,6 @@ class StageTimes:
         now = time.perf_counter()
         self.seconds[stage] += now - t0
         return now
-
-    def merge(self, other: dict[str, float]) -> None:
-        for k, v in other.items():
-            self.seconds[k] += v
 
 
 class Analyzer:
@@ -137,14 +125,6 @@ class Analyzer:
         return out
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def job_key(sha256: str, settings: Settings, versions: dict[str, str]) -> str:
     """Same content, same settings, same models: the same job (a rerun replaces its rows)."""
     blob = json.dumps({"sha256": sha256, **asdict(settings), **versions}, sort_keys=True)
@@ -161,7 +141,7 @@ def prepare_job(session: Session, path: Path, settings: Settings, versions: dict
         raise FervidError(f"{path}: file not found")
     if not path.is_file():
         raise FervidError(f"{path}: not a file")
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     key = job_key(sha, settings, versions)
     job = session.scalar(select(Job).where(Job.job_key == key))
     if job is None:
