@@ -392,8 +392,10 @@ class RetinaFaceDetector:
         nms_threshold: float = 0.4,
         min_face: float = 0,
         scale: float = 1.0,
+        bgr: bool = False,
     ) -> list[Detections]:
-        """Faces in each of `frames`, uint8 [N, H, W, 3] RGB on any device; results are on the detector's device.
+        """Faces in each of `frames`, uint8 [N, H, W, 3] RGB (BGR with `bgr`, as OpenCV decodes) on any device;
+        results are on the detector's device.
 
         `scale` runs the net on frames resized by that factor (faster when < 1, but misses faces under ~16 / scale
         pixels); boxes and landmarks are still in the input frames' pixels. `min_face` drops faces whose shorter box
@@ -417,7 +419,8 @@ class RetinaFaceDetector:
             if x.device.type != "cpu":
                 x = x.float()
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1.0)
-        loc, conf, ldm = self.net(x.flip(1).float().sub_(self._mean))  # RGB -> BGR, minus the training mean
+        x = x if bgr else x.flip(1)  # the net was trained on BGR
+        loc, conf, ldm = self.net(x.float().sub_(self._mean))  # minus the training mean
 
         scores = conf[..., 1]
         frame_idx, anchor_idx = torch.nonzero(scores > score_threshold, as_tuple=True)

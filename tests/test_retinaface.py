@@ -247,3 +247,12 @@ def test_cuda_matches_cpu(detector: rf.RetinaFaceDetector) -> None:
         assert len(a) == len(b)
         torch.testing.assert_close(b.boxes.cpu(), a.boxes, atol=0.05, rtol=0)
         torch.testing.assert_close(b.scores.cpu(), a.scores, atol=1e-4, rtol=0)
+
+
+def test_bgr_frames_as_opencv_decodes_them(detector: rf.RetinaFaceDetector) -> None:
+    rgb = torch.from_numpy(np.stack(list(load_photos().values())))
+    for scale in (1.0, 0.5):
+        a = detector.detect(rgb, scale=scale)
+        b = detector.detect(rgb.flip(-1).contiguous(), scale=scale, bgr=True)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x.boxes, y.boxes) and torch.equal(x.scores, y.scores)

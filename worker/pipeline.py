@@ -104,8 +104,8 @@ class Analyzer:
         frames = torch.from_numpy(frames_bgr).to(dev, non_blocking=True)
         h, w = frames.shape[1:3]
         scale = min(1.0, DETECT_MIN_PX / self.min_face)
-        dets = self.detector.detect(frames.flip(-1), score_threshold=self.score_threshold,
-                                    min_face=self.min_face, scale=scale)  # fmt: skip
+        dets = self.detector.detect(frames, score_threshold=self.score_threshold, min_face=self.min_face,
+                                    scale=scale, bgr=True)  # fmt: skip
         t = times.add("detect", t, dev)
 
         counts = [len(d) for d in dets]
