@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     a.add_argument("--batch-size", type=int, default=16, help="frames per batch")
     a.add_argument("--threshold", type=float, default=0.9, help="face detection score threshold")
-    a.add_argument("--min-face", type=int, default=40, help="smallest face to find, in pixels")
+    a.add_argument("--min-face", type=int, default=48, help="smallest face to find, in pixels")
     a.add_argument("--db", help="SQLAlchemy database URL (default: FERVID_DATABASE_URL, else a SQLite file)")
     a.add_argument("--csv", metavar="FILE", help="write the timeline rows of all videos as CSV")
     a.add_argument("--json", metavar="FILE", help="write the jobs and their rows as JSON")

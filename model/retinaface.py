@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from model.errors import FervidError
+from model.vision_ops import batched_nms
 
 if TYPE_CHECKING:
     import onnxruntime

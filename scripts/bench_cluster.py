@@ -1,6 +1,6 @@
 """Throughput of the queue: N copies of a real clip through K CPU workers, against `fervid analyze` in one process.
 
-    python scripts/bench_cluster.py [--copies 4] [--workers 2] [--fps 5] [--segment 10] [--clip PATH]
+    python -m scripts.bench_cluster [--copies 4] [--workers 2] [--fps 5] [--segment 10] [--clip PATH]
 
 Starts its own redis-server and uses a fresh PostgreSQL database (127.0.0.1:5432) for both runs. The copies are
 remuxed with a different tag each, so their content hashes (job identities) differ while their frames don't.
@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg
 from sqlalchemy import select
 
-from scripts.bench_models import machine
+from scripts.bench_models import command_line, machine
 from worker.db import open_database
 from worker.schema import Job, Segment
 
@@ -120,7 +120,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"Machine: {machine(torch.device('cpu'))}; {datetime.date.today()}")
-    print(f"Command: `python {' '.join(sys.argv)}`\n")
+    print(f"Command: `{command_line()}`\n")
     print("| run | jobs | segments | frames | wall s | jobs/hour | frames/s | queue+DB overhead per segment |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(

@@ -1,6 +1,6 @@
 """Faces per second of each emotion model in batches, preprocessing included (uint8 faces in, probabilities out).
 
-    python scripts/bench_models.py [--device cpu|cuda] [--batches 1 32 256] [--seconds 3]
+    python -m scripts.bench_models [--device cpu|cuda] [--batches 1 32 256] [--seconds 3]
 
 Prints a Markdown table headed by the machine, the date and the command, ready for BENCHMARKS.md.
 """
@@ -33,6 +33,13 @@ def faces_per_second(net: torch.nn.Module, batch: int, device: torch.device, sec
     return n / (time.perf_counter() - t0)
 
 
+def command_line() -> str:
+    """How this script was run, as a user would type it (python -m scripts.NAME ARGS)."""
+    import pathlib
+
+    return " ".join(["python -m scripts." + pathlib.Path(sys.argv[0]).stem, *sys.argv[1:]])
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -56,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"Machine: {machine(device)}; torch {torch.__version__}; {datetime.date.today()}")
-    print(f"Command: `python {' '.join(sys.argv)}`\n")
+    print(f"Command: `{command_line()}`\n")
     print("| model | " + " | ".join(f"batch {b}" for b in args.batches) + " |")
     print("|---|" + "---:|" * len(args.batches))
     for name in args.models:

@@ -1,6 +1,6 @@
 """End-to-end speed of `fervid analyze` on real clips: frames/s with start-up included, and time per stage.
 
-    python scripts/bench_pipeline.py [--videos ../shared/videos/*.mp4 ...] [--fps 0] [--device cpu] [--model small]
+    python -m scripts.bench_pipeline [--videos ../shared/videos/*.mp4 ...] [--fps 0] [--device cpu] [--model small]
 
 Each clip runs as a fresh `fervid analyze` process (so start-up, model loading and the database are counted)
 against a throw-away SQLite file. Stage times come from the job's own timings; decoding runs in a background
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.bench_models import machine
+from scripts.bench_models import command_line, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def main() -> None:
     import torch
 
     print(f"Machine: {machine(torch.device(args.device))}; {datetime.date.today()}")
-    print(f"Command: `python {' '.join(sys.argv)}`\n")
+    print(f"Command: `{command_line()}`\n")
     stages = ["decode", "detect", "crop", "classify", "write"]
     print("| clip | size | frames | faces | wall s (start-up incl.) | frames/s | faces/s | "
           + " | ".join(f"{s} s" for s in stages) + " |")  # fmt: skip

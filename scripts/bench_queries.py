@@ -1,6 +1,6 @@
 """Query speed on a large synthetic job: a million face rows in SQLite and in PostgreSQL.
 
-    python scripts/bench_queries.py [--rows 1000000] [--pg postgresql+psycopg://postgres@127.0.0.1:5432/test]
+    python -m scripts.bench_queries [--rows 1000000] [--pg postgresql+psycopg://postgres@127.0.0.1:5432/test]
 
 The job: 4 tracks (people) in every frame at 25 fps, 250,000 frames (2 h 47 min of video). Times are the best
 of 3 runs through the pandas API with an open connection pool: a time-range query (10 s, all tracks), a track
@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import sys
 import tempfile
 import time
 
 import numpy as np
 from sqlalchemy import insert, text
 
+from scripts.bench_models import command_line
 from worker import query
 from worker.db import open_database
 from worker.schema import EMOTIONS, Face, Frame, Job
@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     args = p.parse_args()
-    print(f"{datetime.date.today()}; command: `python {' '.join(sys.argv)}`\n")
+    print(f"{datetime.date.today()}; command: `{command_line()}`\n")
     print("| database | rows | fill s | 10 s time range (all tracks) | 1 track, 60 s | 1 whole track | summary |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:

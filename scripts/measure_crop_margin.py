@@ -1,6 +1,6 @@
 """Which crop margin makes pipeline crops classify best: measured on labelled faces.
 
-    python scripts/measure_crop_margin.py --data ../shared/data/fer2013/fer2013.npz [--images ../shared/images]
+    python -m scripts.measure_crop_margin --data ../shared/data/fer2013/fer2013.npz [--images ../shared/images]
 
 1. FER2013 PublicTest faces, upscaled 4x and padded so they look like faces in a frame, go through the
    pipeline's own steps (RetinaFace, landmark alignment at each margin, 48x48 grayscale, the CNN); accuracy is
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from model.loader import load_model
 from model.retinaface import load_retinaface
 from training.data import load_fer2013
-from worker.crops import align_faces, to_gray
+from worker.crops import align_faces
 
 MARGINS = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2)
 PHOTO_LABELS = {"su": "Surprise", "hao": "Happy", "anc": "Angry", "di": "Disgust"}
@@ -49,7 +49,7 @@ def main() -> None:
         if not keep:
             continue
         lm = torch.stack([dets[j].landmarks[0] for j in keep])
-        gray = to_gray(frames)
+        gray = frames[..., 0].unsqueeze(1).float()  # the FER faces are grey already
         y = labels[i : i + 128][keep]
         for m in MARGINS:
             crops = align_faces(gray, torch.tensor(keep), lm, margin=m)
@@ -65,11 +65,13 @@ def main() -> None:
         print("\nlabelled photos (predicted class, probability of the true class) per margin:")
         for path in photos:
             true = PHOTO_LABELS[path.stem.split("-")[2]]
-            frame = torch.from_numpy(cv2.imread(str(path)))[None]
-            d = det.detect(frame.flip(-1))[0]
+            bgr = cv2.imread(str(path))
+            frame = torch.from_numpy(bgr)[None]
+            gray = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))[None, None].float()
+            d = det.detect(frame, bgr=True)[0]
             cells = []
             for m in MARGINS:
-                crop = align_faces(to_gray(frame), torch.tensor([0]), d.landmarks[:1], margin=m)
+                crop = align_faces(gray, torch.tensor([0]), d.landmarks[:1], margin=m)
                 prob = clf.predict_proba(crop)[0]
                 cells.append(f"{m:.2f}: {clf.classes[int(prob.argmax())]} ({prob[clf.classes.index(true)]:.2f})")
             print(f"  {path.name} [{true}]: " + "; ".join(cells))

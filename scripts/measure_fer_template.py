@@ -1,6 +1,6 @@
 """Measure where FER2013 puts the eyes, nose and mouth: the template that worker/crops.py aligns faces to.
 
-    python scripts/measure_fer_template.py --data ../shared/data/fer2013/fer2013.npz [--n 3000]
+    python -m scripts.measure_fer_template --data ../shared/data/fer2013/fer2013.npz [--n 3000]
 
 Each Training image is upscaled 4x, padded (RetinaFace needs some context around a face that fills the
 frame), and run through our detector; the median landmark positions, mapped back to 48x48 pixel

@@ -239,3 +239,18 @@ def test_pipeline_on_postgresql(pg_url, analyzer):
     assert job.status == "done" and count(sessions, Face, job.id) == 12
     again = analyze_video(clip("pyfeat_single_face.mp4"), Settings(sample_fps=5), sessions, analyzer)
     assert again.id == job.id and count(sessions, Face, job.id) == 12
+
+
+def test_she_smiles_at_the_end(tmp_path):
+    """The product's promise on a real clip: a face in every sampled frame, and Happy in the final seconds."""
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    proc = run_cli("analyze", str(clip("pyfeat_WolfgangLanger_Pexels.mp4")), "--db", db, "--csv",
+                   str(tmp_path / "w.csv"), check=True)  # fmt: skip
+    with open(tmp_path / "w.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 99 and all(r["face"] == "0" for r in rows)
+    last = [r["emotion"] for r in rows if float(r["time_s"]) >= 16.0]
+    assert max(set(last), key=last.count) == "happy", last
+    summary = json.loads(run_cli("summary", "1", "--format", "json", "--db", db, check=True).stdout)
+    assert summary["tracks"]["0"]["windows"][-1]["dominant"] == "happy"
+    assert "happy" in proc.stdout

@@ -256,3 +256,21 @@ def test_bgr_frames_as_opencv_decodes_them(detector: rf.RetinaFaceDetector) -> N
         b = detector.detect(rgb.flip(-1).contiguous(), scale=scale, bgr=True)
         for x, y in zip(a, b, strict=True):
             assert torch.equal(x.boxes, y.boxes) and torch.equal(x.scores, y.scores)
+
+
+def test_vision_ops_match_torchvision() -> None:
+    import torchvision.ops as tv
+
+    from model import vision_ops
+
+    assert vision_ops._kernels_loaded()
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(200, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + 5 + torch.rand(200, 2, generator=g) * 30], 1)
+    scores, groups = torch.rand(200, generator=g), torch.randint(0, 4, (200,), generator=g)
+    assert torch.equal(vision_ops.batched_nms(boxes, scores, groups, 0.4), tv.batched_nms(boxes, scores, groups, 0.4))
+    x = torch.rand(3, 1, 64, 80, generator=g)
+    rois = torch.tensor([[0, 3.5, 4.0, 40.0, 50.0], [2, 10.0, 0.0, 79.0, 63.0]])
+    for aligned in (True, False):
+        assert torch.allclose(vision_ops.roi_align(x, rois, 16, 1.0, -1, aligned),
+                              tv.roi_align(x, rois, 16, 1.0, -1, aligned))  # fmt: skip

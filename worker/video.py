@@ -41,6 +41,7 @@ class FrameBatch:
     indices: list[int]  # frame numbers in decode order
     times_ms: list[float]  # the frames' own presentation timestamps
     frames: np.ndarray  # uint8 [B, H, W, 3], BGR as decoded
+    gray: np.ndarray  # uint8 [B, H, W], for the face crops (OpenCV's SIMD conversion, here in the decode thread)
 
 
 def _open(path: Path) -> cv2.VideoCapture:
@@ -192,6 +193,7 @@ class FrameBatches:
             idx: list[int] = []
             times: list[float] = []
             frames: list[np.ndarray] = []
+            grays: list[np.ndarray] = []
             limit = self._batch_size
             t0 = time.perf_counter()
             for i, t_ms, frame in iter_frames(*self._args, state=self.state):
@@ -199,21 +201,22 @@ class FrameBatches:
                     limit = max(1, min(self._batch_size, MAX_BATCH_PIXELS // (frame.shape[0] * frame.shape[1])))
                 if frames and frame.shape != frames[0].shape:  # a resolution change mid-stream
                     self.decode_seconds += time.perf_counter() - t0
-                    if not self._put(FrameBatch(idx, times, np.stack(frames))):
+                    if not self._put(FrameBatch(idx, times, np.stack(frames), np.stack(grays))):
                         return
-                    idx, times, frames, t0 = [], [], [], time.perf_counter()
+                    idx, times, frames, grays, t0 = [], [], [], [], time.perf_counter()
                 idx.append(i)
                 times.append(t_ms)
                 frames.append(frame)
+                grays.append(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
                 if len(frames) == limit:
-                    batch = FrameBatch(idx, times, np.stack(frames))
+                    batch = FrameBatch(idx, times, np.stack(frames), np.stack(grays))
                     self.decode_seconds += time.perf_counter() - t0
                     if not self._put(batch):
                         return
-                    idx, times, frames, t0 = [], [], [], time.perf_counter()
+                    idx, times, frames, grays, t0 = [], [], [], [], time.perf_counter()
             if frames:
                 self.decode_seconds += time.perf_counter() - t0
-                self._put(FrameBatch(idx, times, np.stack(frames)))
+                self._put(FrameBatch(idx, times, np.stack(frames), np.stack(grays)))
             self._put(self._END)
         except BaseException as e:  # handed to the consumer, which raises it
             self._put(e)
