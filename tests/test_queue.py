@@ -216,9 +216,15 @@ def reference_rows(tmp_path: Path, video: Path, settings: Settings) -> list[tupl
 
 def rows_of(sessions, job_id: int) -> list[tuple]:
     with sessions() as s:
-        return [(f, k, round(t, 1), round(h, 3)) for f, k, t, h in s.execute(
+        return [(f, k, round(t, 1), h) for f, k, t, h in s.execute(
             select(Face.frame_index, Face.face, Face.time_ms, Face.happy).where(Face.job_id == job_id)
             .order_by(Face.frame_index, Face.face))]  # fmt: skip
+
+
+def assert_same_rows(got: list[tuple], want: list[tuple]) -> None:
+    """Exactly the same frames and faces; probabilities equal up to float rounding (thread counts differ)."""
+    assert [r[:3] for r in got] == [r[:3] for r in want]
+    assert max(abs(a[3] - b[3]) for a, b in zip(got, want, strict=True)) < 2e-3
 
 
 def test_submit_wait_and_status(cluster):
@@ -248,7 +254,7 @@ def test_long_video_in_segments_matches_one_process(cluster, tmp_path):
         segs = s.scalars(select(Segment).where(Segment.job_id == ids[0])).all()
         assert len(segs) == 5 and all(sg.status == "done" for sg in segs)
         assert len({sg.worker for sg in segs}) >= 1
-    assert rows_of(cluster.sessions, ids[0]) == reference_rows(tmp_path, video, Settings(sample_fps=5))
+    assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=5)))
 
 
 def test_worker_killed_mid_segment(cluster, tmp_path):
@@ -273,7 +279,7 @@ def test_worker_killed_mid_segment(cluster, tmp_path):
     with cluster.sessions() as s:
         attempts = sum(sg.attempts for sg in s.scalars(select(Segment).where(Segment.job_id == ids[0])))
     assert attempts >= 3  # the killed segment ran twice
-    assert rows_of(cluster.sessions, ids[0]) == reference_rows(tmp_path, video, Settings(sample_fps=10))
+    assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=10)))
 
 
 def test_redis_restart_loses_no_job(cluster, redis):
