@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.errors import FervidError
@@ -136,6 +136,9 @@ def summary(job_id: int, db: str | sessionmaker | None = None, window_s: float =
     probabilities, each emotion's peak (1-second means) and strongest rise, and the dominant emotion per window."""
     sessions = _sessions(db)
     with sessions() as s:
+        if s.bind.dialect.name == "postgresql":
+            # Room to group a long job's seconds in memory rather than by an external sort on disk.
+            s.execute(text("SET LOCAL work_mem = '64MB'"))
         view = get_job(s, job_id)
         job = view.job
         interval_s = 1 / job.sample_fps if job.sample_fps else (1 / job.fps if job.fps else 0.0)
@@ -167,10 +170,11 @@ def summary(job_id: int, db: str | sessionmaker | None = None, window_s: float =
         if len(sec) > 1:
             diff = sec.diff().iloc[1:]
             rises = {e: {"time_s": float(diff[e].idxmax()), "change": round(float(diff[e].max()), 4)} for e in EMOTIONS}
-        win = (sec.index // window_s * window_s).astype(float)
-        windows = [{"from_s": float(w), "to_s": float(w + window_s), "dominant": str(g.mean().idxmax()),
-                    "mean": {e: round(float(g[e].mean()), 4) for e in EMOTIONS}}
-                   for w, g in sec.groupby(win)]  # fmt: skip
+        per_window = sec.groupby((sec.index // window_s * window_s).astype(float)).mean().round(4)
+        dominant = per_window.idxmax(axis=1)
+        starts, means = per_window.index.tolist(), per_window.to_dict("records")
+        windows = [{"from_s": w, "to_s": w + window_s, "dominant": dominant[w], "mean": m}
+                   for w, m in zip(starts, means, strict=True)]  # fmt: skip
         return {
             "faces": n,
             "first_s": float(rows["first_ms"].min() / 1000),
