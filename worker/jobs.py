@@ -35,7 +35,7 @@ from worker.pipeline import (
 )
 from worker.schema import Face, Frame, Job, Segment
 from worker.tracks import assign_tracks
-from worker.video import probe
+from worker.video import VideoInfo, probe
 
 DEFAULT_SEGMENT_S = 60.0
 
@@ -167,11 +167,16 @@ def run_segment(sessions: sessionmaker, job_id: int, idx: int, analyzer_for) -> 
         job.worker = seg.worker
         settings = Settings(sample_fps=job.sample_fps, start_s=seg.start_s, end_s=seg.end_s, model=job.model)
         path = job.path
+        # Probed at submit time: no need to open the video once more per segment.
+        info = VideoInfo(path=Path(path), width=job.width, height=job.height, fps=job.fps or 0.0,
+                         frame_count=job.frame_count or 0, duration_s=job.duration_s or 0.0,
+                         codec=job.codec or "")  # fmt: skip
     times = StageTimes()
     t0 = time.perf_counter()
     try:
         real = check_media_path(path)
-        info = probe(real)
+        if not real.is_file():
+            raise FervidError(f"{path}: file not found (moved or deleted since it was submitted)")
         analyzer: Analyzer = analyzer_for(settings.model)
         frame_rows, face_rows, last = [], [], time.perf_counter()
         for fr, fa in iter_rows(job_id, real, info, settings, analyzer, times):
