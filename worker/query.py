@@ -208,7 +208,7 @@ def plot(df: pd.DataFrame, path: str | Path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     tracks = sorted(df["track"].dropna().unique().tolist()) or [None]
     times = np.sort(df["time_s"].unique())
@@ -226,12 +226,14 @@ def plot(df: pd.DataFrame, path: str | Path, title: str = "") -> None:
         ax.set_ylabel(f"track {tr}" if tr is not None else "no faces")
         ax.margins(x=0)
     axes[-1, 0].set_xlabel("time (mm:ss)")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))  # whole seconds: mm:ss never repeats
     axes[-1, 0].xaxis.set_major_formatter(FuncFormatter(lambda s, _: f"{int(s // 60):02d}:{int(s % 60):02d}"))
     handles, names = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", ncol=8, frameon=False, bbox_to_anchor=(0.5, 0.99))
+    h = fig.get_figheight()  # title and legend take a fixed height (inches) whatever the number of panels
     if title:
-        fig.text(0.01, 0.995, title, fontsize=9, va="top")
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+        fig.text(0.01, 1 - 0.05 / h, title, fontsize=9, va="top")
+    fig.legend(handles, names, loc="upper center", ncol=8, frameon=False, bbox_to_anchor=(0.5, 1 - 0.2 / h))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / h))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
