@@ -219,7 +219,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     df = query.timeline(args.job, track=args.track, smooth_s=args.smooth, db=args.db)
     _note(df)
     if args.out:
-        query.plot(df, args.out, title=f"job {args.job}")
+        query.plot(df, args.out, title=f"job {args.job}: {Path(df.attrs['path']).name}")
         print(f"plot: {args.out}")
     if args.annotate_video:
         n = query.annotate_video(args.job, Path(args.annotate_video), db=args.db)

@@ -151,3 +151,11 @@ def test_running_job_shows_partial_timeline(db):
     assert proc.returncode == 0 and "still running" in proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 5
     assert "still running" in cli(db, "summary", str(db["running"])).stderr
+
+
+def test_smoothing_a_range_uses_the_frames_around_it(db):
+    whole = api.timeline(db["two"], smooth_s=1.0, db=db["url"])
+    part = api.timeline(db["two"], start_s=1.0, end_s=1.5, smooth_s=1.0, db=db["url"])
+    want = whole[(whole["time_s"] >= 1.0) & (whole["time_s"] < 1.5)].reset_index(drop=True)
+    assert len(part) == 10
+    pd.testing.assert_frame_equal(part, want, check_dtype=False)

@@ -91,10 +91,12 @@ def timeline(
         else:
             q = select(Face.frame_index, Face.time_ms, *face_cols).where(Face.job_id == job_id, Face.track == track)
             t = Face.time_ms
+        # Smoothing near the range's edges needs the frames just outside it; they are trimmed afterwards.
+        pad = (smooth_s or 0) * (1 if smooth_method == "mean" else 5)
         if start_s is not None:
-            q = q.where(t >= start_s * 1000)
+            q = q.where(t >= (start_s - pad) * 1000)
         if end_s is not None:
-            q = q.where(t < end_s * 1000)
+            q = q.where(t < (end_s + pad) * 1000)
         q = q.order_by(t, Face.face)
         df = pd.read_sql(q, s.connection())
     df = df.rename(columns={"frame_index": "frame"})
@@ -102,12 +104,17 @@ def timeline(
     df.insert(2, "time_s", df.pop("time_ms") / 1000)
     for c in ("face", "track"):
         df[c] = df[c].astype("Int64")
-    if df.empty and (start_s is not None or end_s is not None):
-        raise FervidError(f"job {job_id} has no analysed frames between {start_s or 0} s and {end_s or 'the end'}")
     if smooth_s:
         df = smooth(df, smooth_s, smooth_method)
-    df.attrs["note"] = view.note
-    return df[TIMELINE_COLUMNS]
+        inside = (df["time_s"] >= (start_s if start_s is not None else -np.inf)) & (
+            df["time_s"] < (end_s if end_s is not None else np.inf)
+        )
+        df = df[inside].reset_index(drop=True)
+    if df.empty and (start_s is not None or end_s is not None):
+        raise FervidError(f"job {job_id} has no analysed frames between {start_s or 0} s and {end_s or 'the end'}")
+    df = df[TIMELINE_COLUMNS]
+    df.attrs.update(note=view.note, path=view.job.path)
+    return df
 
 
 def smooth(df: pd.DataFrame, seconds: float, method: str = "mean") -> pd.DataFrame:
