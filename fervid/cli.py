@@ -309,6 +309,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_requeue(args: argparse.Namespace) -> int:
+    from worker.db import open_database
+    from worker.jobs import unfinished_segments
+    from worker.tasks import enqueue
+
+    with open_database(args.db)() as s:
+        todo = unfinished_segments(s, args.jobs or None)
+    by_job: dict[int, tuple[list[int], int]] = {}
+    for job_id, idx, priority in todo:
+        by_job.setdefault(job_id, ([], priority))[0].append(idx)
+    for job_id, (segments, priority) in by_job.items():
+        enqueue(job_id, segments, priority)
+        print(f"job {job_id}: {len(segments)} unfinished segment{'s' * (len(segments) > 1)} queued again")
+    if not by_job:
+        print("no queued or running job has unfinished segments")
+    return 0
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from worker.supervisor import run
 
@@ -388,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--db")
     st.set_defaults(func=_cmd_status)
+
+    rq = sub.add_parser("requeue", help="queue the unfinished segments of queued/running jobs again "
+                        "(after Redis lost its data); segments are idempotent, so duplicates are harmless")  # fmt: skip
+    rq.add_argument("jobs", nargs="*", type=int, metavar="JOB")
+    rq.add_argument("--db")
+    rq.set_defaults(func=_cmd_requeue)
 
     wk = sub.add_parser("worker", help="start Celery workers: one per GPU, or CPU workers")
     wk.add_argument("--gpus", help="all, none, or a list like 0,1 (default: every GPU PyTorch sees)")

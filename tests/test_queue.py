@@ -295,6 +295,30 @@ def test_redis_restart_loses_no_job(cluster, redis):
     assert all(j.status == "done" for j in jobs.values()), {i: j.error for i, j in jobs.items()}
 
 
+def test_redis_without_persistence_loses_messages_but_requeue_recovers(tmp_path, pg_url):
+    server = RedisServer(tmp_path)
+    c = Cluster(tmp_path, pg_url, server)
+    try:
+        ids = submitted_ids(c.cli("submit", str(shared_path("videos", "pyfeat_single_face.mp4")),
+                                  str(shared_path("videos", "liveportrait_d0.mp4")), "--fps", "4"))  # fmt: skip
+        server.stop()
+        for f in tmp_path.glob("appendonly*"):  # as a Redis that keeps nothing on disk
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        server.start()
+        import redis as redis_client
+
+        assert redis_client.Redis(port=server.port).dbsize() == 0  # the queued messages are gone
+        proc = c.cli("requeue")
+        assert proc.returncode == 0 and all(f"job {i}: 1 unfinished segment queued again" in proc.stdout for i in ids)
+        c.start_workers(1)
+        jobs = c.wait(ids)
+        assert all(j.status == "done" for j in jobs.values())
+        assert "no queued or running job" in c.cli("requeue").stdout
+    finally:
+        c.stop()
+        server.stop()
+
+
 def test_database_outage_is_retried(tmp_path, pg_url, redis):
     proxy = TcpProxy()
     db_via_proxy = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")

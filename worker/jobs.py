@@ -263,6 +263,19 @@ def mark_failed(sessions: sessionmaker, job_id: int, idx: int, error: str, attem
     return False
 
 
+def unfinished_segments(session: Session, job_ids: list[int] | None = None) -> list[tuple[int, int, int]]:
+    """(job, segment, priority) of every segment not yet done, of jobs that are queued or running."""
+    q = (
+        select(Segment.job_id, Segment.idx, Job.priority)
+        .join(Job, Job.id == Segment.job_id)
+        .where(Job.status.in_(("queued", "running")), Segment.status != "done")
+        .order_by(Segment.job_id, Segment.idx)
+    )
+    if job_ids:
+        q = q.where(Job.id.in_(job_ids))
+    return [tuple(r) for r in session.execute(q)]
+
+
 def job_status(session: Session, job_ids: list[int] | None = None, limit: int = 50) -> list[dict]:
     """Rows for `fervid status`: state, progress, frames, faces, worker, GPU, timings, error."""
     q = select(Job).order_by(Job.id.desc()).limit(limit) if not job_ids else select(Job).where(Job.id.in_(job_ids))

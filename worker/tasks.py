@@ -60,7 +60,7 @@ def analyze_segment(self: Task, job_id: int, idx: int) -> str:
     return status
 
 
-def enqueue(job_id: int, segments: int, priority: int = 0) -> None:
-    """Queue a job's segments. Higher priority (0-9) runs first."""
-    for idx in range(segments):
+def enqueue(job_id: int, segments: int | list[int], priority: int = 0) -> None:
+    """Queue a job's segments (a count, or the indices). Higher priority (0-9) runs first."""
+    for idx in range(segments) if isinstance(segments, int) else segments:
         analyze_segment.apply_async((job_id, idx), priority=max(0, min(9, 9 - priority)))
