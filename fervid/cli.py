@@ -139,11 +139,12 @@ def _note(df: object) -> None:
 
 def _cmd_timeline(args: argparse.Namespace) -> int:
     from worker import query
+    from worker.export import ROUNDING
 
     df = query.timeline(args.job, track=args.track, start_s=args.start, end_s=args.end, smooth_s=args.smooth,
                         smooth_method=args.smooth_method, db=args.db)  # fmt: skip
     _note(df)
-    df = df.round({"time_s": 4, "x1": 1, "y1": 1, "x2": 1, "y2": 1, "det_score": 4} | {e: 5 for e in query.EMOTIONS})
+    df = df.round(ROUNDING)
     fmt = args.format
     if fmt == "parquet":
         if not args.out:

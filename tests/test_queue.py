@@ -319,49 +319,47 @@ def test_redis_without_persistence_loses_messages_but_requeue_recovers(tmp_path,
         server.stop()
 
 
-def test_database_outage_is_retried(tmp_path, pg_url, redis):
+@pytest.fixture
+def proxied(tmp_path, pg_url, redis):
+    """A cluster whose workers reach PostgreSQL through a proxy that the test can cut."""
     proxy = TcpProxy()
-    db_via_proxy = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
-    c = Cluster(tmp_path, pg_url, redis, db_url=db_via_proxy)
-    try:
-        c.start_workers(1)
-        ids = submitted_ids(c.cli("submit", str(shared_path("videos", "pyfeat_WolfgangLanger_Pexels.mp4")),
-                                  "--fps", "5", "--segment", "5"))  # fmt: skip
-        time.sleep(8)
-        proxy.cut()  # the database is unreachable for a while
-        time.sleep(8)
-        proxy.mend()
-        job = c.wait(ids, timeout=300)[ids[0]]
-        assert job.status == "done", job.error
-        assert c.counts(ids[0]) == (99, 99)
-    finally:
-        c.stop()
-        proxy.close()
+    c = Cluster(tmp_path, pg_url, redis, db_url=pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+    yield c, proxy
+    c.stop()
+    proxy.close()
 
 
-def test_database_gone_too_long_fails_the_job(tmp_path, pg_url, redis):
-    proxy = TcpProxy()
-    db_via_proxy = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
-    c = Cluster(tmp_path, pg_url, redis, db_url=db_via_proxy)
+def test_database_outage_is_retried(proxied):
+    c, proxy = proxied
+    c.start_workers(1)
+    ids = submitted_ids(c.cli("submit", str(shared_path("videos", "pyfeat_WolfgangLanger_Pexels.mp4")),
+                              "--fps", "5", "--segment", "5"))  # fmt: skip
+    time.sleep(8)
+    proxy.cut()  # the database is unreachable for a while
+    time.sleep(8)
+    proxy.mend()
+    job = c.wait(ids, timeout=300)[ids[0]]
+    assert job.status == "done", job.error
+    assert c.counts(ids[0]) == (99, 99)
+
+
+def test_database_gone_too_long_fails_the_job(proxied):
+    c, proxy = proxied
     c.env["FERVID_TASK_MAX_RETRIES"] = "1"
-    try:
-        c.start_workers(1)
-        ids = submitted_ids(c.cli("submit", str(shared_path("videos", "liveportrait_d6.mp4")), "--fps", "5"))
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            with c.sessions() as s:
-                if s.get(Job, ids[0]).status == "running":
-                    break
-            time.sleep(0.2)
-        proxy.cut()
-        time.sleep(15)  # longer than the retries
-        proxy.mend()  # back in time for the worker to record the failure
-        job = c.wait(ids, timeout=120)[ids[0]]
-        assert job.status == "failed" and "database unreachable" in job.error
-        assert c.counts(ids[0]) == (0, 0)  # nothing half-written as if complete
-    finally:
-        c.stop()
-        proxy.close()
+    c.start_workers(1)
+    ids = submitted_ids(c.cli("submit", str(shared_path("videos", "liveportrait_d6.mp4")), "--fps", "5"))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        with c.sessions() as s:
+            if s.get(Job, ids[0]).status == "running":
+                break
+        time.sleep(0.2)
+    proxy.cut()
+    time.sleep(15)  # longer than the retries
+    proxy.mend()  # back in time for the worker to record the failure
+    job = c.wait(ids, timeout=120)[ids[0]]
+    assert job.status == "failed" and "database unreachable" in job.error
+    assert c.counts(ids[0]) == (0, 0)  # nothing half-written as if complete
 
 
 def test_bad_video_fails_alone(cluster):

@@ -10,12 +10,12 @@ import pandas as pd
 from worker.schema import EMOTIONS, Job
 
 CSV_COLUMNS = ["job", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "det_score", *EMOTIONS, "emotion"]
-_ROUND = {"time_s": 4, "x1": 1, "y1": 1, "x2": 1, "y2": 1, "det_score": 4} | {e: 5 for e in EMOTIONS}
+ROUNDING = {"time_s": 4, "x1": 1, "y1": 1, "x2": 1, "y2": 1, "det_score": 4} | {e: 5 for e in EMOTIONS}
 
 
 def export_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The timeline in the CSV's columns and precision."""
-    return df[CSV_COLUMNS].round(_ROUND)
+    return df[CSV_COLUMNS].round(ROUNDING)
 
 
 def job_metadata(job: Job) -> dict:

@@ -31,6 +31,7 @@ from worker.pipeline import (
     iter_rows,
     job_key,
     record_video_info,
+    reset_job,
     write_rows,
 )
 from worker.schema import Face, Frame, Job, Segment
@@ -113,19 +114,9 @@ def submit(
         if job is not None and job.status != "failed" and not force:
             n = s.scalar(select(func.count()).select_from(Segment).where(Segment.job_id == job.id))
             return Submitted(path, job.id, n, True, job.status)
-        if job is None:
-            job = Job(job_key=key, sha256=sha, path=str(real), size_bytes=real.stat().st_size,
-                      sample_fps=settings.sample_fps, start_s=settings.start_s, end_s=settings.end_s,
-                      **versions)  # fmt: skip
-            s.add(job)
-            s.flush()
-        else:  # a failed job, or --force: start over
-            for table in (Face, Frame, Segment):
-                s.execute(delete(table).where(table.job_id == job.id))
+        job = reset_job(s, real, sha, settings, versions, "queued")  # new, or failed / --force: start over
         record_video_info(s, job.id, info)
-        job.path, job.status, job.error, job.priority, job.segment_s = str(real), "queued", None, priority, segment_s
-        job.frames_analyzed = job.faces_found = 0
-        job.started_at = job.finished_at = job.timings = job.worker = None
+        job.priority, job.segment_s = priority, segment_s
         bounds = segment_bounds(settings.start_s, settings.end_s, info.duration_s, segment_s)
         for i, (a, b) in enumerate(bounds):
             s.add(Segment(job_id=job.id, idx=i, start_s=a, end_s=b, status="queued", attempts=0, frames=0, faces=0))

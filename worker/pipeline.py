@@ -30,7 +30,7 @@ from model.loader import load_model
 from model.retinaface import load_retinaface
 from model.weights import sha256_file
 from worker.crops import align_faces
-from worker.schema import EMOTIONS, Face, Frame, Job
+from worker.schema import EMOTIONS, Face, Frame, Job, Segment
 from worker.tracks import assign_tracks
 from worker.video import DecodeState, FrameBatches, VideoInfo, probe
 
@@ -143,28 +143,33 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def reset_job(session: Session, path: Path, sha: str, settings: Settings, versions: dict[str, str],
+              status: str) -> Job:  # fmt: skip
+    """The job row of (content, settings, models): created, or emptied of an earlier run's frames, faces and
+    segments, so that a rerun replaces rows and never duplicates them."""
+    job = session.scalar(select(Job).where(Job.job_key == job_key(sha, settings, versions)))
+    if job is None:
+        job = Job(job_key=job_key(sha, settings, versions), sha256=sha, sample_fps=settings.sample_fps,
+                  start_s=settings.start_s, end_s=settings.end_s, **versions)  # fmt: skip
+        session.add(job)
+    else:
+        for table in (Face, Frame, Segment):
+            session.execute(delete(table).where(table.job_id == job.id))
+    job.path, job.size_bytes, job.status, job.error = str(path), path.stat().st_size, status, None
+    job.frames_analyzed = job.faces_found = 0
+    job.started_at = job.finished_at = job.timings = job.worker = None
+    session.flush()
+    return job
+
+
 def prepare_job(session: Session, path: Path, settings: Settings, versions: dict[str, str]) -> Job:
-    """Create the job row, or reset an existing one with the same key (deleting its old frames and faces)."""
+    """The job row for an in-process run, reset and marked running."""
     if not path.exists():
         raise FervidError(f"{path}: file not found")
     if not path.is_file():
         raise FervidError(f"{path}: not a file")
-    sha = sha256_file(path)
-    key = job_key(sha, settings, versions)
-    job = session.scalar(select(Job).where(Job.job_key == key))
-    if job is None:
-        job = Job(job_key=key, sha256=sha, path=str(path), size_bytes=path.stat().st_size,
-                  sample_fps=settings.sample_fps, start_s=settings.start_s, end_s=settings.end_s,
-                  **versions)  # fmt: skip
-        session.add(job)
-        session.flush()
-    else:
-        session.execute(delete(Face).where(Face.job_id == job.id))
-        session.execute(delete(Frame).where(Frame.job_id == job.id))
-        job.path = str(path)
-    job.status, job.error, job.frames_analyzed, job.faces_found = "running", None, 0, 0
-    job.started_at, job.finished_at, job.timings = _now(), None, None
-    job.worker = f"{socket.gethostname()}:{os.getpid()}"
+    job = reset_job(session, path, sha256_file(path), settings, versions, "running")
+    job.started_at, job.worker = _now(), f"{socket.gethostname()}:{os.getpid()}"
     return job
 
 
