@@ -74,14 +74,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from worker import query
     from worker.db import database_url, display_url, open_database
     from worker.export import summarize, write_csv, write_json
-    from worker.pipeline import Analyzer, Settings, analyze_video
+    from worker.jobs import analyze_video
+    from worker.pipeline import Analyzer
 
-    settings = Settings(sample_fps=args.fps, start_s=args.start, end_s=args.end, model=args.model,
-                        score_threshold=args.threshold, min_face=args.min_face)  # fmt: skip
-    settings.validate()
+    settings = _settings(args)
     url = database_url(args.db)
     sessions = open_database(url)
-    analyzer = Analyzer(args.model, args.device, args.threshold, args.min_face)
+    analyzer = Analyzer(args.model, args.device)
     done, failed = [], 0
     for video in args.videos:
         bar = tqdm(desc=Path(video).name, unit="frame", dynamic_ncols=True, leave=False)
@@ -228,19 +227,29 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace):  # noqa: ANN202
+    from worker.settings import Settings
+
+    settings = Settings(sample_fps=args.fps, start_s=args.start, end_s=args.end, model=args.model,
+                        score_threshold=args.threshold, min_face=args.min_face, max_faces=args.max_faces)  # fmt: skip
+    settings.validate()
+    return settings
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     import time
 
     from worker.db import open_database
     from worker.jobs import expand_inputs, job_status, model_versions, submit
-    from worker.pipeline import Settings
-    from worker.tasks import enqueue
+    from worker.settings import validate_segment_s
+    from worker.tasks import send
 
-    settings = Settings(sample_fps=args.fps, start_s=args.start, end_s=args.end, model=args.model)
-    settings.validate()
+    settings = _settings(args)
+    if args.segment is not None:
+        validate_segment_s(args.segment)
     sessions = open_database(args.db)
     versions = model_versions(args.model)
-    ids, failed = [], 0
+    ids, failed, unsent = [], 0, 0
     for path in expand_inputs(args.videos):
         try:
             sub_ = submit(sessions, path, settings, priority=args.priority, segment_s=args.segment,
@@ -249,17 +258,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             failed += 1
             print(f"{path}: refused: {e}")
             continue
+        n = len(sub_.segments)
         if sub_.duplicate:
             print(f"{path}: already submitted as job {sub_.job_id} ({sub_.status}); --force to redo it")
         else:
             try:
-                enqueue(sub_.job_id, sub_.segments, args.priority)
-            except Exception as e:  # the broker is down: say so, and leave the job visibly failed
-                from worker.jobs import mark_failed
-
-                mark_failed(sessions, sub_.job_id, 0, f"could not queue the job: {type(e).__name__}", attempts=1)
-                raise FervidError(f"cannot reach the queue (FERVID_BROKER_URL): {type(e).__name__}") from None
-            print(f"{path}: job {sub_.job_id} queued ({sub_.segments} segment{'s' * (sub_.segments > 1)})")
+                send(sessions, sub_.job_id, sub_.run, sub_.segments, args.priority)
+                print(f"{path}: job {sub_.job_id} queued ({n} segment{'s' * (n > 1)})")
+            except Exception as e:  # noqa: BLE001 - Redis is down: the job is recorded, the sweeper sends it
+                unsent += 1
+                print(f"{path}: job {sub_.job_id} recorded but not yet queued: the queue (FERVID_BROKER_URL) is "
+                      f"unreachable ({type(e).__name__}); a running `fervid worker` sends it when Redis is back")
         ids.append(sub_.job_id)
     if args.wait and ids:
         from tqdm import tqdm
@@ -284,7 +293,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"job {r['job']}: {r['state']}" + (f": {r['error']}" if r["error"] else ""))
         failed += sum(r["state"] == "failed" for r in rows)
-    return 1 if failed else 0
+    return 1 if failed or unsent else 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -313,15 +322,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_requeue(args: argparse.Namespace) -> int:
     from worker.db import open_database
     from worker.jobs import unfinished_segments
-    from worker.tasks import enqueue
+    from worker.tasks import send
 
-    with open_database(args.db)() as s:
+    sessions = open_database(args.db)
+    with sessions() as s:
         todo = unfinished_segments(s, args.jobs or None)
-    by_job: dict[int, tuple[list[int], int]] = {}
-    for job_id, idx, priority in todo:
-        by_job.setdefault(job_id, ([], priority))[0].append(idx)
-    for job_id, (segments, priority) in by_job.items():
-        enqueue(job_id, segments, priority)
+    by_job: dict[int, tuple[list[int], int, int]] = {}
+    for job_id, idx, run, priority in todo:
+        by_job.setdefault(job_id, ([], run, priority))[0].append(idx)
+    for job_id, (segments, run, priority) in by_job.items():
+        send(sessions, job_id, run, segments, priority)
         print(f"job {job_id}: {len(segments)} unfinished segment{'s' * (len(segments) > 1)} queued again")
     if not by_job:
         print("no queued or running job has unfinished segments")
@@ -338,6 +348,24 @@ def _device(name: str) -> str:
     from model.device import resolve_device
 
     return str(resolve_device(name))
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
+    """The analysis settings, with the defaults of worker.settings.Settings."""
+    from worker.settings import default
+
+    p.add_argument("--fps", type=float, default=default("sample_fps"),
+                   help="frames per second of video time to analyse (0 = every frame; default %(default)s)")
+    p.add_argument("--start", type=float, default=default("start_s"), help="start of the time range, in seconds")
+    p.add_argument("--end", type=float, default=default("end_s"), help="end of the time range, in seconds")
+    p.add_argument("--model", default=default("model"),
+                   help="emotion model: shipped name or .safetensors path (default %(default)s)")
+    p.add_argument("--threshold", type=float, default=default("score_threshold"),
+                   help="face detection score threshold (default %(default)s)")
+    p.add_argument("--min-face", type=int, default=default("min_face"),
+                   help="smallest face to find, in pixels (default %(default)s)")
+    p.add_argument("--max-faces", type=int, default=default("max_faces"),
+                   help="most faces kept per frame, the largest (default %(default)s)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,14 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="analyse videos in this process (embedded default: SQLite)")
     a.add_argument("videos", nargs="+", metavar="VIDEO")
-    a.add_argument("--fps", type=float, default=5.0, help="frames per second of video time to analyse (0 = all)")
-    a.add_argument("--start", type=float, default=0.0, help="start of the time range, in seconds")
-    a.add_argument("--end", type=float, default=None, help="end of the time range, in seconds")
-    a.add_argument("--model", default="small", help="emotion model: shipped name or .safetensors path")
+    _job_options(a)
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     a.add_argument("--batch-size", type=int, default=16, help="frames per batch")
-    a.add_argument("--threshold", type=float, default=0.9, help="face detection score threshold")
-    a.add_argument("--min-face", type=int, default=48, help="smallest face to find, in pixels")
     a.add_argument("--db", help="SQLAlchemy database URL (default: FERVID_DATABASE_URL, else a SQLite file)")
     a.add_argument("--csv", metavar="FILE", help="write the timeline rows of all videos as CSV")
     a.add_argument("--json", metavar="FILE", help="write the jobs and their rows as JSON")
@@ -390,12 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sb = sub.add_parser("submit", help="queue videos for the workers (Redis + the database)")
     sb.add_argument("videos", nargs="+", metavar="VIDEO|GLOB|@LIST")
-    sb.add_argument("--fps", type=float, default=5.0, help="frames per second of video time (0 = all)")
-    sb.add_argument("--start", type=float, default=0.0)
-    sb.add_argument("--end", type=float, default=None)
-    sb.add_argument("--model", default="small")
+    _job_options(sb)
     sb.add_argument("--priority", type=int, default=0, choices=range(10), metavar="0-9", help="9 runs first")
-    sb.add_argument("--segment", type=float, default=60.0, help="seconds of video per task (long videos)")
+    sb.add_argument("--segment", type=float, default=None,
+                    help="seconds of video per task (default 60, FERVID_SEGMENT_S)")  # fmt: skip
     sb.add_argument("--force", action="store_true", help="redo a video already submitted with these settings")
     sb.add_argument("--wait", action="store_true", help="show progress until the jobs end")
     sb.add_argument("--db")

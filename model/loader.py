@@ -56,7 +56,7 @@ class EmotionClassifier:
         return predict_proba(self.net, faces, batch_size=batch_size, tta=tta)
 
 
-def _resolve(name_or_path: str) -> tuple[str, Path, str | None]:
+def resolve_weights(name_or_path: str) -> tuple[str, Path, str | None]:
     """(name, weights path, expected sha256 or None) for a shipped model name or a weights file path."""
     shipped = weights.shipped_weights(name_or_path)
     if shipped:
@@ -76,7 +76,7 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: 
     With `optimize`, BatchNorm is folded into the convolutions (`optimize_for_inference`); the net always
     runs channels_last.
     """
-    name, path, expected_sha = _resolve(name_or_path)
+    name, path, expected_sha = resolve_weights(name_or_path)
     if not path.is_file():
         raise FervidError(f"{path}: weights file not found")
     sha = sha256_file(path)

@@ -343,6 +343,9 @@ class Detections:
     def to(self, device: str | torch.device) -> Detections:
         return Detections(self.boxes.to(device), self.scores.to(device), self.landmarks.to(device))
 
+    def select(self, index: Tensor) -> Detections:
+        return Detections(self.boxes[index], self.scores[index], self.landmarks[index])
+
 
 def make_anchors(height: int, width: int, device: torch.device) -> Tensor:
     """[A, 4] anchors (cx, cy, w, h) in pixels of a height x width net input, in the heads' output order."""

@@ -14,9 +14,11 @@ from sqlalchemy import func, inspect, select
 from tests.conftest import run_cli, shared_path
 from worker.db import make_engine, migrate, open_database
 from worker.export import CSV_COLUMNS
-from worker.pipeline import Analyzer, Settings, analyze_video
+from worker.jobs import analyze_video
+from worker.pipeline import Analyzer
 from worker.query import timeline
 from worker.schema import Face, Frame, Job
+from worker.settings import Settings
 
 
 def ffmpeg(*args: str) -> None:
@@ -202,7 +204,8 @@ def test_truncated_clip(tmp_path, sessions, analyzer):
     job = analyze_video(cut, Settings(), sessions, analyzer)
     assert job.status == "failed", "a truncated file must not look complete"
     assert "truncated.mp4" in job.error and "truncated or corrupt" in job.error and "of 19.7 s" in job.error
-    assert job.frames_analyzed > 0  # what could be decoded is kept, under a failed job
+    # A segment's rows are written with the segment, in one transaction: a failed segment leaves none behind.
+    assert count(sessions, Frame, job.id) == 0 and job.frames_analyzed == 0
 
 
 def test_truncated_before_the_first_frame(tmp_path, sessions, analyzer):

@@ -13,8 +13,10 @@ from tests.conftest import run_cli, shared_path
 from tests.test_pipeline import ffmpeg
 from worker.db import open_database
 from worker.export import CSV_COLUMNS
-from worker.pipeline import Analyzer, Settings, analyze_video
+from worker.jobs import analyze_video
+from worker.pipeline import Analyzer
 from worker.schema import EMOTIONS, Face, Frame, Job
+from worker.settings import Settings
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,27 @@ Credentials in URLs are never printed: use `display_url`.
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from model.errors import FervidError
+from worker.settings import QueuePolicy
+
+log = logging.getLogger("fervid.db")
+T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -50,7 +61,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
     cur.close()
 
 
-def make_engine(url: str | None = None) -> Engine:
+def make_engine(url: str | None = None, policy: QueuePolicy | None = None) -> Engine:
     url = database_url(url)
     try:
         parsed = make_url(url)
@@ -62,6 +73,8 @@ def make_engine(url: str | None = None) -> Engine:
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     else:
         kwargs.update(pool_size=5, max_overflow=5)
+        if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg":
+            kwargs["connect_args"] = _pg_connect_args(policy or QueuePolicy.from_env())
     try:
         engine = create_engine(url, **kwargs)
     except Exception as e:  # a missing driver, a bad option
@@ -69,6 +82,70 @@ def make_engine(url: str | None = None) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _pg_connect_args(policy: QueuePolicy) -> dict:
+    """A database that vanishes (a cut network, a dead server) must be an error within seconds, not a hang:
+    the retry policy then waits it out. TCP keepalives find a silent peer; tcp_user_timeout bounds unacknowledged
+    writes; the statement timeout bounds a stuck statement."""
+    ms = policy.db_statement_timeout_s * 1000
+    return {
+        "connect_timeout": policy.db_connect_timeout_s,
+        "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+        "options": f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}",
+    }  # fmt: skip
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database that is briefly away (worth waiting for), as opposed to a query that can never succeed
+    (IntegrityError, DataError, ProgrammingError: fail at once, with the real message)."""
+    if isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        if isinstance(exc.orig, sqlite3.OperationalError):  # "no such table" is not going to heal
+            msg = str(exc.orig).lower()
+            return any(w in msg for w in ("locked", "busy", "disk i/o", "unable to open"))
+        return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+    return isinstance(exc, ConnectionError | TimeoutError)
+
+
+class DatabaseUnavailable(FervidError):
+    """The database stayed unreachable for the whole retry policy."""
+
+
+def retry_delays(policy: QueuePolicy) -> Iterator[float]:
+    """Seconds to wait before each retry: 0.5, 1, 2, ... up to db_retry_max_delay_s, until together they cover
+    db_retry_s of outage."""
+    total, delay = 0.0, 0.5
+    while total < policy.db_retry_s:
+        d = min(delay, policy.db_retry_max_delay_s, policy.db_retry_s - total)
+        yield d
+        total += d
+        delay *= 2
+
+
+def with_db_retry(fn: Callable[[], T], policy: QueuePolicy, what: str) -> T:
+    """Run `fn` (a whole transaction), again after transient database errors, with backoff, for up to
+    policy.db_retry_s. Permanent errors propagate at once."""
+    delays = retry_delays(policy)
+    started = time.monotonic()
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            delay = next(delays, None)
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:200] if str(e).strip() else type(e)
+            if delay is None:
+                raise DatabaseUnavailable(
+                    f"database unreachable for {time.monotonic() - started:.0f} s while {what}: {reason}"
+                ) from e
+            log.warning("database error while %s (%s); retrying in %.1f s", what, reason, delay)
+            time.sleep(delay * random.uniform(0.8, 1.0))
 
 
 def migrate(engine: Engine) -> None:

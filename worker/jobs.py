@@ -1,48 +1,104 @@
-"""Queued jobs: submitting videos (a job row and its segments), running one segment, and the job's status.
+"""The job lifecycle, in one place: creating a job and its segments, starting (leasing) a segment, keeping its
+lease, writing it, handing it back, finishing or failing the job. `fervid analyze` (in this process) and the
+queue's workers both run jobs through `run_segment`.
 
-The database is the source of truth and the barrier: each segment writes its rows and marks itself done in one
-transaction, and the segment that finds all others done finishes the job. Redis only carries the task messages.
-Segment writes are idempotent (its time range is deleted and rewritten), so a redelivered segment after a killed
-worker leaves exactly the rows an uninterrupted run would have.
+The database is the source of truth and the barrier; Redis only carries messages, which may be lost, repeated
+or late, so every step here checks the row it acts on:
+- each run of a job (a new submit after --force or a failure) has a number; a message names the run it was
+  queued for, and one of an older run is dropped;
+- a running segment holds a lease (owner, expiry, and its attempt number as a token) that a thread of the working
+  process renews; a write whose token is no longer the segment's own is discarded;
+- job status changes only under the job's row lock, and only forward (queued -> running -> done | failed);
+- the segment that writes the last rows finishes the job in the same transaction, and anyone who later finds a
+  job with every segment done but not finished (a redelivery, the sweeper) finishes it.
+Transient database errors are retried with backoff (worker.db.with_db_retry); computed rows wait in memory.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import glob
+import hashlib
+import json
+import logging
 import math
 import os
 import socket
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from sqlalchemy import and_, delete, func, select
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.errors import FervidError
+from model.loader import resolve_weights
 from model.weights import sha256_file
-from worker.media import check_media_path
-from worker.pipeline import (
-    DETECTOR,
-    Analyzer,
-    Settings,
-    StageTimes,
-    iter_rows,
-    job_key,
-    record_video_info,
-    reset_job,
-    write_rows,
-)
+from worker.db import DatabaseUnavailable, is_transient, with_db_retry
+from worker.media import check_media_path, media_roots
+from worker.pipeline import DETECTOR, Analyzer, SegmentRows, StageTimes, iter_batches
 from worker.schema import Face, Frame, Job, Segment
+from worker.settings import QueuePolicy, Settings, validate_segment_s
 from worker.tracks import assign_tracks
 from worker.video import VideoInfo, probe
 
-DEFAULT_SEGMENT_S = 60.0
+log = logging.getLogger("fervid.jobs")
+ACTIVE = ("queued", "running")
+
+# What run_segment returns, besides "done" and "failed".
+STALE = "stale"  # a message of an older run, or of a job or segment that no longer exists
+SKIPPED = "skipped"  # the job already ended
+DUPLICATE = "duplicate"  # another live process holds the segment's lease
+SUPERSEDED = "superseded"  # this process lost the lease (it was judged dead); its rows were discarded
+RELEASED = "released"  # handed back on shutdown, to be run again
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _aware(t: dt.datetime | None) -> dt.datetime | None:
+    """SQLite gives naive datetimes back; they were written in UTC."""
+    return t.replace(tzinfo=dt.UTC) if t is not None and t.tzinfo is None else t
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def gpu_name() -> str:
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "") if os.environ.get("FERVID_DEVICE", "cpu") != "cpu" else "cpu"
+
+
+def _owner_dead(owner: str | None) -> bool:
+    """True when the lease's owner is a process of this machine that no longer exists (a killed pool child):
+    its segment can be taken over at once instead of after the lease runs out."""
+    if not owner:
+        return True
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's process: only its lease can tell
+    if int(pid) == os.getpid():
+        return True  # an earlier attempt of this very process ended without writing or handing back
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def mmss(seconds: float | None) -> str:
+    if seconds is None:
+        return "end"
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+# ------------------------------------------------------------------------------------------------ creating a job
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
@@ -72,21 +128,77 @@ def expand_inputs(items: list[str]) -> list[Path]:
 
 
 def model_versions(model: str) -> dict[str, str]:
-    """The model name and weights checksum that identify results, without loading the model."""
-    from model.loader import _resolve
-    from model.weights import sha256_file
-
-    name, path, sha = _resolve(model)
+    """What identifies a job's models, without loading them: the model (a shipped name, or the weights file's
+    absolute path, which the workers then load), its weights' checksum, and the detector."""
+    name, path, sha = resolve_weights(model)
     if not path.is_file():
         raise FervidError(f"{path}: weights file not found")
-    return {"model": name, "model_sha256": sha or sha256_file(path), "detector": DETECTOR}
+    model_id = model if sha is not None else str(path.resolve())
+    return {"model": model_id, "model_sha256": sha or sha256_file(path), "detector": DETECTOR}
+
+
+def job_key(sha256: str, settings: Settings, versions: dict[str, str]) -> str:
+    """Same content, same settings, same models: the same job (a rerun replaces its rows)."""
+    blob = json.dumps({"sha256": sha256, **asdict(settings), **versions}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def segment_bounds(start: float, end: float | None, duration: float, segment_s: float,
+                   max_segments: int | None = None) -> list[tuple]:  # fmt: skip
+    """Consecutive [start, end) ranges; the last one is open-ended (None) when the job runs to the video's end,
+    so a container whose duration is wrong still gets every frame analysed."""
+    stop = end if end is not None else duration
+    if not stop or not math.isfinite(stop) or stop - start <= segment_s:
+        return [(start, end)]
+    n = math.ceil((stop - start) / segment_s - 1e-9)
+    if max_segments is not None and n > max_segments:
+        raise FervidError(
+            f"{(stop - start):.0f} s of video in {segment_s:g} s segments would be {n:,} segments, more than the "
+            f"{max_segments:,} allowed per job: use a longer --segment (or FERVID_MAX_SEGMENTS)"
+        )
+    edges = [start + i * segment_s for i in range(n)] + [end]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def _reset(s: Session, path: Path, sha: str, settings: Settings, versions: dict[str, str]) -> Job:
+    """The job row of (content, settings, models), locked: created, or emptied of an earlier run's rows and
+    segments and given the next run number, so that a rerun replaces rows and never duplicates them."""
+    key = job_key(sha, settings, versions)
+    job = s.scalar(select(Job).where(Job.job_key == key).with_for_update())
+    if job is None:
+        job = Job(job_key=key, sha256=sha, sample_fps=settings.sample_fps, start_s=settings.start_s,
+                  end_s=settings.end_s, score_threshold=settings.score_threshold, min_face=settings.min_face,
+                  max_faces=settings.max_faces, run=1, **versions)  # fmt: skip
+        s.add(job)
+    else:
+        for table in (Face, Frame, Segment):
+            s.execute(delete(table).where(table.job_id == job.id))
+        job.run += 1
+    job.path, job.size_bytes, job.status, job.error = str(path), path.stat().st_size, "queued", None
+    job.frames_analyzed = job.faces_found = 0
+    job.started_at = job.finished_at = job.timings = job.worker = None
+    s.flush()
+    return job
+
+
+def _add_segments(s: Session, job: Job, info: VideoInfo, segment_s: float, policy: QueuePolicy) -> list[int]:
+    j = job
+    j.width, j.height, j.fps, j.codec = info.width, info.height, info.fps, info.codec
+    j.frame_count, j.duration_s = info.frame_count, info.duration_s or None
+    j.segment_s = segment_s
+    bounds = segment_bounds(j.start_s, j.end_s, info.duration_s, segment_s, policy.max_segments)
+    s.add_all(Segment(job_id=j.id, idx=i, run=j.run, start_s=a, end_s=b, status="queued", attempts=0, deaths=0,
+                      frames=0, faces=0) for i, (a, b) in enumerate(bounds))  # fmt: skip
+    return list(range(len(bounds)))
 
 
 @dataclass
 class Submitted:
     path: Path
     job_id: int
-    segments: int
+    run: int
+    segments: list[int]
+    priority: int
     duplicate: bool  # already submitted with the same settings (not queued again)
     status: str
 
@@ -96,170 +208,444 @@ def submit(
     path: Path,
     settings: Settings,
     priority: int = 0,
-    segment_s: float = DEFAULT_SEGMENT_S,
+    segment_s: float | None = None,
     force: bool = False,
     versions: dict[str, str] | None = None,
+    policy: QueuePolicy | None = None,
 ) -> Submitted:
-    """Record the job and its segments (queued). The caller enqueues the segments (tasks.enqueue)."""
+    """Record the job and its segments (queued), in one transaction. The caller then sends the messages
+    (`send`); a job whose messages never went out is sent by the sweeper."""
+    policy = policy or QueuePolicy.from_env()
+    segment_s = policy.segment_s if segment_s is None else segment_s
     settings.validate()
-    real = check_media_path(path)
-    if not real.is_file():
-        raise FervidError(f"{path}: file not found")
-    info = probe(real)  # not a video: refused now, not after a trip through the queue
+    validate_segment_s(segment_s)
+    roots = media_roots()
+    real = check_media_path(path, roots)
+    info = probe(real, roots)  # not a video: refused now, not after a trip through the queue
     versions = versions or model_versions(settings.model)
+    settings = replace(settings, model=versions["model"])
     sha = sha256_file(real)
     key = job_key(sha, settings, versions)
-    with sessions.begin() as s:
-        job = s.scalar(select(Job).where(Job.job_key == key))
-        if job is not None and job.status != "failed" and not force:
-            n = s.scalar(select(func.count()).select_from(Segment).where(Segment.job_id == job.id))
-            return Submitted(path, job.id, n, True, job.status)
-        job = reset_job(s, real, sha, settings, versions, "queued")  # new, or failed / --force: start over
-        record_video_info(s, job.id, info)
-        job.priority, job.segment_s = priority, segment_s
-        bounds = segment_bounds(settings.start_s, settings.end_s, info.duration_s, segment_s)
-        for i, (a, b) in enumerate(bounds):
-            s.add(Segment(job_id=job.id, idx=i, start_s=a, end_s=b, status="queued", attempts=0, frames=0, faces=0))
-        return Submitted(path, job.id, len(bounds), False, "queued")
 
+    def txn() -> Submitted:
+        with sessions.begin() as s:
+            job = s.scalar(select(Job).where(Job.job_key == key).with_for_update())
+            if job is not None and job.status != "failed" and not force:
+                n = s.scalar(select(func.count()).select_from(Segment).where(Segment.job_id == job.id))
+                return Submitted(path, job.id, job.run, list(range(n)), job.priority, True, job.status)
+            job = _reset(s, real, sha, settings, versions)  # new, or failed / --force: start over
+            job.priority = priority
+            idxs = _add_segments(s, job, info, segment_s, policy)
+            return Submitted(path, job.id, job.run, idxs, priority, False, "queued")
 
-def segment_bounds(start: float, end: float | None, duration: float, segment_s: float) -> list[tuple]:
-    """Consecutive [start, end) ranges; the last one is open-ended (None) when the job runs to the video's end,
-    so a container whose duration is wrong still gets every frame analysed."""
-    stop = end if end is not None else duration
-    if not stop or segment_s <= 0 or stop - start <= segment_s:
-        return [(start, end)]
-    n = math.ceil((stop - start) / segment_s - 1e-9)
-    edges = [start + i * segment_s for i in range(n)] + [end]
-    return list(zip(edges[:-1], edges[1:], strict=True))
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def gpu_name() -> str:
-    return os.environ.get("CUDA_VISIBLE_DEVICES", "") if os.environ.get("FERVID_DEVICE", "cpu") != "cpu" else "cpu"
-
-
-def run_segment(sessions: sessionmaker, job_id: int, idx: int, analyzer_for) -> str:  # noqa: ANN001
-    """Run one segment; returns the segment's final status ("done", "failed", or "skipped" when the job was
-    removed, reset or already failed). Database errors propagate (the task retries them)."""
-    with sessions.begin() as s:
-        job, seg = s.get(Job, job_id), s.get(Segment, (job_id, idx))
-        if job is None or seg is None or job.status == "failed":
-            return "skipped"
-        if seg.status == "done":
-            return "done"  # a duplicate delivery of a finished segment
-        seg.status, seg.attempts, seg.worker, seg.gpu = "running", seg.attempts + 1, worker_name(), gpu_name()
-        seg.started_at, seg.frames, seg.faces, seg.error = _now(), 0, 0, None
-        if job.status == "queued":
-            job.status, job.started_at = "running", _now()
-        job.worker = seg.worker
-        settings = Settings(sample_fps=job.sample_fps, start_s=seg.start_s, end_s=seg.end_s, model=job.model)
-        path = job.path
-        # Probed at submit time: no need to open the video once more per segment.
-        info = VideoInfo(path=Path(path), width=job.width, height=job.height, fps=job.fps or 0.0,
-                         frame_count=job.frame_count or 0, duration_s=job.duration_s or 0.0,
-                         codec=job.codec or "")  # fmt: skip
-    times = StageTimes()
-    t0 = time.perf_counter()
     try:
-        real = check_media_path(path)
-        if not real.is_file():
-            raise FervidError(f"{path}: file not found (moved or deleted since it was submitted)")
-        analyzer: Analyzer = analyzer_for(settings.model)
-        frame_rows, face_rows, last = [], [], time.perf_counter()
-        for fr, fa in iter_rows(job_id, real, info, settings, analyzer, times):
-            frame_rows += fr
-            face_rows += fa
-            if time.perf_counter() - last > 2:  # progress for `fervid status --wait`, not per batch
-                with sessions.begin() as s:
-                    seg = s.get(Segment, (job_id, idx))
-                    seg.frames, seg.faces = len(frame_rows), len(face_rows)
-                last = time.perf_counter()
-    except FervidError as e:
-        _fail(sessions, job_id, idx, str(e))
-        return "failed"
-    times.seconds["total"] = time.perf_counter() - t0
-    return _commit_segment(sessions, job_id, idx, settings, frame_rows, face_rows, times)
+        return with_db_retry(txn, policy, f"submitting {path}")
+    except IntegrityError:  # the same job submitted at the same moment by someone else: theirs stands
+        with sessions() as s:
+            job = s.scalar(select(Job).where(Job.job_key == key))
+            if job is None:
+                raise
+            n = s.scalar(select(func.count()).select_from(Segment).where(Segment.job_id == job.id))
+            return Submitted(path, job.id, job.run, list(range(n)), job.priority, True, job.status)
 
 
-def _commit_segment(sessions: sessionmaker, job_id: int, idx: int, settings: Settings, frame_rows: list[dict],
-                    face_rows: list[dict], times: StageTimes) -> str:  # fmt: skip
-    finished = False
-    with sessions.begin() as s:
-        # The job row lock serialises segments finishing together, so exactly one of them sees the last one.
-        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        seg = s.get(Segment, (job_id, idx))
-        if job is None or seg is None or job.status == "failed":
-            return "skipped"
-        lo = settings.start_s * 1000
-        in_range = [Frame.time_ms >= lo] + ([Frame.time_ms < settings.end_s * 1000] if settings.end_s else [])
-        face_range = [Face.time_ms >= lo] + ([Face.time_ms < settings.end_s * 1000] if settings.end_s else [])
-        s.execute(delete(Face).where(Face.job_id == job_id, *face_range))
-        s.execute(delete(Frame).where(Frame.job_id == job_id, *in_range))
-        write_rows(s, frame_rows, face_rows)
-        seg.status, seg.frames, seg.faces, seg.finished_at = "done", len(frame_rows), len(face_rows), _now()
-        seg.timings = {k: round(v, 4) for k, v in times.seconds.items()}
-        job.frames_analyzed = s.scalar(select(func.count()).select_from(Frame).where(Frame.job_id == job_id))
-        job.faces_found = s.scalar(select(func.count()).select_from(Face).where(Face.job_id == job_id))
-        left = s.scalar(select(func.count()).select_from(Segment)
-                        .where(and_(Segment.job_id == job_id, Segment.status != "done")))  # fmt: skip
-        finished = left == 0
-    if finished:
-        _finish_job(sessions, job_id)
-    return "done"
+def mark_enqueued(sessions: sessionmaker, job_id: int, run: int, idxs: list[int], policy: QueuePolicy) -> None:
+    def txn() -> None:
+        with sessions.begin() as s:
+            s.execute(update(Segment).where(Segment.job_id == job_id, Segment.run == run, Segment.idx.in_(idxs),
+                                            Segment.status == "queued").values(enqueued_at=_now()))  # fmt: skip
+
+    with_db_retry(txn, policy, f"recording the messages of job {job_id}")
 
 
-def _finish_job(sessions: sessionmaker, job_id: int) -> None:
-    t = time.perf_counter()
-    n_tracks = assign_tracks(sessions, job_id)
-    with sessions.begin() as s:
-        job = s.get(Job, job_id)
-        segs = s.scalars(select(Segment).where(Segment.job_id == job_id)).all()
-        timings: dict[str, float] = {}
-        for seg in segs:
-            for k, v in (seg.timings or {}).items():
-                timings[k] = round(timings.get(k, 0.0) + v, 4)
-        timings["track"] = round(time.perf_counter() - t, 4)
-        if job.started_at:
-            started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=dt.UTC)
-            timings["wall"] = round((_now() - started).total_seconds(), 3)
-        if job.frames_analyzed == 0:
-            job.status, job.error = "failed", f"{job.path}: no frames in the time range"
-        else:
-            job.status, job.error = "done", None
-        job.timings, job.finished_at = timings | {"tracks": n_tracks}, _now()
+# ----------------------------------------------------------------------------------------------- running a segment
 
 
-def _fail(sessions: sessionmaker, job_id: int, idx: int, error: str) -> None:
-    with sessions.begin() as s:
-        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        seg = s.get(Segment, (job_id, idx))
-        if seg is not None:
-            seg.status, seg.error, seg.finished_at = "failed", error, _now()
-        if job is not None and job.status != "failed":
-            job.status, job.error, job.finished_at = "failed", error, _now()
+@dataclass
+class Claim:
+    """A segment this process has started, and what it needs to run it."""
+
+    job_id: int
+    idx: int
+    run: int
+    token: int  # the segment's attempt number when it was started: the lease is ours while it stays so
+    priority: int
+    path: str
+    model: str
+    model_sha256: str
+    settings: Settings  # the job's settings, with the segment's time range
+    info: VideoInfo
 
 
-def mark_failed(sessions: sessionmaker, job_id: int, idx: int, error: str, attempts: int = 5) -> bool:
-    """Best effort, for a segment that ran out of retries: the database may itself be what is failing."""
-    for i in range(attempts):
-        try:
-            _fail(sessions, job_id, idx, error)
-            return True
-        except Exception:  # noqa: BLE001 - keep trying; the caller logs the outcome
-            time.sleep(min(2**i, 10))
+def _lock_job(s: Session, job_id: int, skip_locked: bool = False) -> Job | None:
+    return s.scalar(select(Job).where(Job.id == job_id).with_for_update(skip_locked=skip_locked))
+
+
+def _segment(s: Session, job_id: int, idx: int) -> Segment | None:
+    return s.scalar(select(Segment).where(Segment.job_id == job_id, Segment.idx == idx).with_for_update())
+
+
+def poison_reason(seg: Segment) -> str:
+    return (f"the worker died {seg.deaths} times on segment {seg.idx} ({mmss(seg.start_s)}–{mmss(seg.end_s)}); "
+            "the video may need more memory than a worker has, or crash the decoder")  # fmt: skip
+
+
+def _fail_job(job: Job, error: str) -> None:
+    """Failed is final for a run: a job that already ended keeps its status."""
+    if job.status in ACTIVE:
+        job.status, job.error, job.finished_at = "failed", error, _now()
+
+
+def record_death(s: Session, job: Job, seg: Segment, policy: QueuePolicy) -> bool:
+    """Count the death of the process that held `seg`; fail the job at the poison limit. True when it failed."""
+    seg.deaths += 1
+    seg.lease_owner = seg.lease_until = None
+    if seg.deaths >= policy.max_deaths:
+        seg.status, seg.error, seg.finished_at = "failed", poison_reason(seg), _now()
+        _fail_job(job, seg.error)
+        return True
+    seg.status = "queued"
     return False
 
 
-def unfinished_segments(session: Session, job_ids: list[int] | None = None) -> list[tuple[int, int, int]]:
-    """(job, segment, priority) of every segment not yet done, of jobs that are queued or running."""
+def claim_segment(sessions: sessionmaker, job_id: int, idx: int, run: int | None,
+                  policy: QueuePolicy) -> Claim | str:  # fmt: skip
+    """Start segment `idx` of `job_id` in this process, or say why not (a status string)."""
+    me = worker_id()
+
+    def txn() -> Claim | str:
+        with sessions.begin() as s:
+            job = _lock_job(s, job_id)
+            if job is None or (run is not None and job.run != run):
+                return STALE
+            seg = _segment(s, job_id, idx)
+            if seg is None or seg.run != job.run:
+                return STALE
+            if job.status not in ACTIVE:
+                return SKIPPED
+            if seg.status == "done":
+                finish_job(s, job)  # a finish that was interrupted is completed by whoever comes next
+                return "done"
+            if seg.status == "failed":
+                return SKIPPED
+            now = _now()
+            if seg.status == "running":
+                lease = _aware(seg.lease_until)
+                if lease is not None and lease > now and seg.lease_owner != me and not _owner_dead(seg.lease_owner):
+                    return DUPLICATE
+                if record_death(s, job, seg, policy):
+                    log.error("job %s: %s", job_id, seg.error)
+                    return "failed"
+            seg.status, seg.attempts, seg.lease_owner = "running", seg.attempts + 1, me
+            seg.lease_until = now + dt.timedelta(seconds=policy.lease_s)
+            seg.worker, seg.gpu, seg.started_at, seg.frames, seg.faces, seg.error = me, gpu_name(), now, 0, 0, None
+            if job.status == "queued":
+                job.status, job.started_at = "running", now
+            job.worker = me
+            settings = Settings(sample_fps=job.sample_fps, start_s=seg.start_s, end_s=seg.end_s, model=job.model,
+                                score_threshold=job.score_threshold, min_face=job.min_face,
+                                max_faces=job.max_faces)  # fmt: skip
+            # Probed at submit time: no need to open the video once more per segment.
+            info = VideoInfo(path=Path(job.path), width=job.width, height=job.height, fps=job.fps or 0.0,
+                             frame_count=job.frame_count or 0, duration_s=job.duration_s or 0.0,
+                             codec=job.codec or "")  # fmt: skip
+            return Claim(job_id, idx, job.run, seg.attempts, job.priority, job.path, job.model, job.model_sha256,
+                         settings, info)  # fmt: skip
+
+    return with_db_retry(txn, policy, f"starting segment {idx} of job {job_id}")
+
+
+class Lease(threading.Thread):
+    """Renews a claimed segment's lease every heartbeat_s, with its progress (frames and faces so far) for
+    `fervid status`. Sets `lost` when the segment is no longer ours (another process took it over)."""
+
+    def __init__(self, sessions: sessionmaker, claim: Claim, policy: QueuePolicy) -> None:
+        super().__init__(name="fervid-lease", daemon=True)
+        self.sessions, self.claim, self.policy = sessions, claim, policy
+        self.lost, self._stop_event = threading.Event(), threading.Event()
+        self.progress = (0, 0)
+
+    def renew(self) -> bool:
+        c = self.claim
+        frames, faces = self.progress
+        with self.sessions.begin() as s:
+            n = s.execute(
+                update(Segment)
+                .where(Segment.job_id == c.job_id, Segment.idx == c.idx, Segment.run == c.run,
+                       Segment.attempts == c.token, Segment.status == "running")
+                .values(lease_until=_now() + dt.timedelta(seconds=self.policy.lease_s), frames=frames, faces=faces)
+            ).rowcount  # fmt: skip
+        return n == 1
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.policy.heartbeat_s):
+            try:
+                if not self.renew():
+                    self.lost.set()
+                    return
+            except Exception as e:  # noqa: BLE001 - the database is away: try again next beat
+                log.warning("job %s segment %s: lease not renewed: %s", self.claim.job_id, self.claim.idx,
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)  # fmt: skip
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=60)
+
+
+def _ours(s: Session, claim: Claim) -> tuple[Job | None, Segment | None, str | None]:
+    """The job and segment locked, or why this attempt may not write to them."""
+    job = _lock_job(s, claim.job_id)
+    seg = _segment(s, claim.job_id, claim.idx)
+    if job is None or seg is None or job.run != claim.run or seg.run != claim.run:
+        return None, None, STALE
+    if seg.attempts != claim.token:
+        return None, None, SUPERSEDED
+    if seg.status == "done":
+        return None, None, "done"  # our own write, retried after the database's answer was lost
+    if seg.status != "running" or job.status not in ACTIVE:
+        return None, None, SKIPPED
+    return job, seg, None
+
+
+def commit_segment(sessions: sessionmaker, claim: Claim, rows: SegmentRows, times: StageTimes,
+                   policy: QueuePolicy) -> str:  # fmt: skip
+    """Replace the segment's time range with its rows, mark it done and, if it was the last, finish the job:
+    one transaction, so a reader never sees half a segment and a job never waits for a finish."""
+
+    def txn() -> str:
+        t0 = time.perf_counter()
+        with sessions.begin() as s:
+            job, seg, why = _ours(s, claim)
+            if why:
+                return why
+            lo, hi = claim.settings.start_s * 1000, claim.settings.end_s
+            for table in (Face, Frame):
+                in_range = [table.job_id == claim.job_id, table.time_ms >= lo]
+                if hi is not None:
+                    in_range.append(table.time_ms < hi * 1000)
+                s.execute(delete(table).where(*in_range))
+            for chunk in rows.frame_dicts(claim.job_id):
+                s.execute(insert(Frame), chunk)
+            for chunk in rows.face_dicts(claim.job_id):
+                s.execute(insert(Face), chunk)
+            seg.status, seg.frames, seg.faces, seg.finished_at = "done", rows.n_frames, rows.n_faces, _now()
+            seg.lease_owner = seg.lease_until = None
+            seg.timings = times.rounded() | {"write": round(time.perf_counter() - t0, 4)}
+            seg.timings["total"] = round(sum(seg.timings.values()), 4)
+            finish_job(s, job)
+            return "done"
+
+    return with_db_retry(txn, policy, f"writing segment {claim.idx} of job {claim.job_id}")
+
+
+def finish_job(s: Session, job: Job) -> bool:
+    """Finish `job` (locked by the caller) if every segment of its run is done: tracks, totals, status.
+    Idempotent: a job that already ended, or has segments to go, is left as it is."""
+    if job.status not in ACTIVE:
+        return False
+    segs = s.scalars(select(Segment).where(Segment.job_id == job.id)).all()
+    if not segs or any(sg.status != "done" for sg in segs):
+        return False
+    t = time.perf_counter()
+    n_tracks = assign_tracks(s, job.id)
+    timings: dict[str, float] = {}
+    for sg in segs:
+        for k, v in (sg.timings or {}).items():
+            timings[k] = round(timings.get(k, 0.0) + v, 4)
+    timings["track"] = round(time.perf_counter() - t, 4)
+    if job.started_at:
+        timings["wall"] = round((_now() - _aware(job.started_at)).total_seconds(), 3)
+    job.frames_analyzed, job.faces_found = sum(sg.frames for sg in segs), sum(sg.faces for sg in segs)
+    if job.frames_analyzed == 0:
+        job.status, job.error = "failed", f"{job.path}: no frames in the time range"
+    else:
+        job.status, job.error = "done", None
+    job.timings, job.finished_at = timings | {"tracks": n_tracks}, _now()
+    return True
+
+
+def fail_segment(sessions: sessionmaker, claim: Claim, error: str, policy: QueuePolicy) -> str:
+    """A segment that cannot succeed (a bad video, a permanent database error) fails its job."""
+
+    def txn() -> str:
+        with sessions.begin() as s:
+            job, seg, why = _ours(s, claim)
+            if why:
+                return why
+            seg.status, seg.error, seg.finished_at = "failed", error, _now()
+            seg.lease_owner = seg.lease_until = None
+            _fail_job(job, error)
+            return "failed"
+
+    return with_db_retry(txn, policy, f"recording the failure of job {claim.job_id}")
+
+
+def release_segment(sessions: sessionmaker, claim: Claim, policy: QueuePolicy) -> bool:
+    """Hand a started segment back (a worker stopping): queued again, with no death counted. Its message is
+    sent by the caller, or by the sweeper if the caller cannot."""
+
+    def txn() -> bool:
+        with sessions.begin() as s:
+            _, seg, why = _ours(s, claim)
+            if why:
+                return False
+            # The attempt number stays: this attempt can no longer write (the segment is not running), and the
+            # next start makes a new token.
+            seg.status, seg.lease_owner, seg.lease_until, seg.enqueued_at = "queued", None, None, None
+            return True
+
+    return with_db_retry(txn, policy, f"handing back segment {claim.idx} of job {claim.job_id}")
+
+
+AnalyzerFor = Callable[[str, str], Analyzer]
+
+
+def run_segment(
+    sessions: sessionmaker,
+    job_id: int,
+    idx: int,
+    run: int | None,
+    analyzer_for: AnalyzerFor,
+    policy: QueuePolicy,
+    roots: list[Path] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    requeue: Callable[[Claim], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    batch_size: int = 16,
+) -> str:
+    """Run one segment: claim it, compute its rows under a renewed lease, write them (or fail the job with the
+    reason). `roots`: the media roots the video must lie under (queue workers); None for in-process jobs.
+    `should_stop`: checked between batches; when it turns true the segment is handed back and `requeue`d.
+    Returns "done", "failed" or one of the statuses above. Raises DatabaseUnavailable when the database
+    stayed away for the whole retry policy."""
+    claim = claim_segment(sessions, job_id, idx, run, policy)
+    if isinstance(claim, str):
+        return claim
+    lease = Lease(sessions, claim, policy)
+    lease.start()
+    times, rows, t0 = StageTimes(), SegmentRows(), time.perf_counter()
+    try:
+        try:
+            path = Path(claim.path)
+            if roots is not None:
+                path = check_media_path(path, roots)
+            if not path.is_file():
+                raise FervidError(f"{claim.path}: file not found (moved or deleted since it was submitted)")
+            analyzer = analyzer_for(claim.model, claim.model_sha256)
+            for indices, times_ms, faces in iter_batches(path, claim.info, claim.settings, analyzer, times,
+                                                         batch_size, roots):  # fmt: skip
+                rows.add(indices, times_ms, faces)
+                lease.progress = (rows.n_frames, rows.n_faces)
+                if on_progress:
+                    on_progress(len(indices))
+                if lease.lost.is_set():
+                    log.warning("job %s segment %s: lease lost (judged dead); dropping this attempt", job_id, idx)
+                    return SUPERSEDED
+                if should_stop is not None and should_stop():
+                    lease.stop()
+                    if release_segment(sessions, claim, policy):
+                        if requeue is not None:
+                            requeue(claim)
+                        return RELEASED
+                    return SUPERSEDED
+        except DatabaseUnavailable:
+            raise
+        except FervidError as e:
+            return fail_segment(sessions, claim, str(e), policy)
+        except Exception as e:  # a bug, or Celery's time limit: the job fails with the reason instead of looping
+            log.exception("job %s segment %s failed", job_id, idx)
+            reason = "ran longer than the segment time limit (FERVID_SEGMENT_TIME_LIMIT_S)" \
+                if type(e).__name__ == "SoftTimeLimitExceeded" else f"{type(e).__name__}: {e}"  # fmt: skip
+            where = f"segment {idx} ({mmss(claim.settings.start_s)}–{mmss(claim.settings.end_s)})"
+            return fail_segment(sessions, claim, f"{where}: {reason}".splitlines()[0], policy)
+        times.seconds["compute"] = time.perf_counter() - t0
+        try:
+            return commit_segment(sessions, claim, rows, times, policy)
+        except SQLAlchemyError as e:
+            if is_transient(e):
+                raise
+            # IntegrityError, DataError, ProgrammingError: no retry can help; the job fails with the real reason.
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            return fail_segment(sessions, claim, f"database error: {type(e).__name__}: {reason}", policy)
+    finally:
+        lease.stop()
+
+
+# ------------------------------------------------------------------------------------------- in-process (analyze)
+
+
+def analyze_video(
+    path: str | Path,
+    settings: Settings,
+    sessions: sessionmaker,
+    analyzer: Analyzer,
+    batch_size: int = 16,
+    on_progress: Callable[[int, int | None], None] | None = None,
+    policy: QueuePolicy | None = None,
+) -> Job:
+    """Analyse one video into the database, in this process, through the same segments as the queue. Returns
+    the job: "done", or "failed" with `error` (not a video, undecodable frames). A missing file raises
+    FervidError before any job exists."""
+    policy = policy or QueuePolicy.from_env()
+    settings = replace(settings, model=analyzer.model_id)
+    settings.validate()
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        raise FervidError(f"{path}: file not found")
+    if not path.is_file():
+        raise FervidError(f"{path}: not a file")
+    sha = sha256_file(path)
+
+    def create() -> int:
+        with sessions.begin() as s:
+            return _reset(s, path, sha, settings, analyzer.versions).id
+
+    job_id = with_db_retry(create, policy, f"creating the job for {path}")
+    try:
+        info = probe(path)
+    except FervidError as e:
+        error = str(e)
+
+        def failed() -> None:
+            with sessions.begin() as s:
+                _fail_job(_lock_job(s, job_id), error)
+
+        with_db_retry(failed, policy, f"recording the failure of job {job_id}")
+        return _job(sessions, job_id)
+
+    def plan() -> tuple[int, list[int]]:
+        with sessions.begin() as s:
+            job = _lock_job(s, job_id)
+            return job.run, _add_segments(s, job, info, policy.segment_s, policy)
+
+    run, idxs = with_db_retry(plan, policy, f"planning job {job_id}")
+    end_s = settings.end_s if settings.end_s is not None else (info.duration_s or None)
+    span = max(0.0, (end_s or 0) - settings.start_s)
+    expected = (round(span * settings.sample_fps) if settings.sample_fps else info.frame_count) or None
+    progress = (lambda n: on_progress(n, expected)) if on_progress else None  # noqa: E731
+    for idx in idxs:
+        status = run_segment(sessions, job_id, idx, run, lambda _m, _s: analyzer, policy, on_progress=progress,
+                             batch_size=batch_size)  # fmt: skip
+        if status != "done":
+            break
+    return _job(sessions, job_id)
+
+
+def _job(sessions: sessionmaker, job_id: int) -> Job:
+    with sessions() as s:
+        return s.get(Job, job_id)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def unfinished_segments(session: Session, job_ids: list[int] | None = None) -> list[tuple[int, int, int, int]]:
+    """(job, segment, run, priority) of every segment not yet done, of jobs that are queued or running."""
     q = (
-        select(Segment.job_id, Segment.idx, Job.priority)
+        select(Segment.job_id, Segment.idx, Job.run, Job.priority)
         .join(Job, Job.id == Segment.job_id)
-        .where(Job.status.in_(("queued", "running")), Segment.status != "done")
+        .where(Job.status.in_(ACTIVE), Segment.status != "done")
         .order_by(Segment.job_id, Segment.idx)
     )
     if job_ids:
@@ -283,7 +669,7 @@ def job_status(session: Session, job_ids: list[int] | None = None, limit: int = 
             sum(sg.frames for sg in segs)  # fmt: skip
         running = [sg for sg in segs if sg.status == "running"]
         rows.append({
-            "job": job.id, "path": job.path, "state": job.status,
+            "job": job.id, "path": job.path, "state": job.status, "run": job.run,
             "segments_done": done, "segments": len(segs),
             "progress": 1.0 if job.status == "done" else (done / len(segs) if segs else 0.0),
             "frames": frames, "faces": job.faces_found if job.status == "done" else sum(sg.faces for sg in segs),

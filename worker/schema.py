@@ -42,7 +42,7 @@ class Job(Base):
     # Video properties, as read from the container.
     duration_s: Mapped[float | None] = mapped_column(Float)
     fps: Mapped[float | None] = mapped_column(Float)
-    frame_count: Mapped[int | None] = mapped_column(Integer)
+    frame_count: Mapped[int | None] = mapped_column(BigInteger)
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     codec: Mapped[str | None] = mapped_column(String(16))
@@ -50,9 +50,15 @@ class Job(Base):
     sample_fps: Mapped[float] = mapped_column(Float)
     start_s: Mapped[float] = mapped_column(Float, default=0.0)
     end_s: Mapped[float | None] = mapped_column(Float)
-    model: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(Text)  # a shipped model's name, or the absolute path of a weights file
+    score_threshold: Mapped[float] = mapped_column(Float, default=0.9)
+    min_face: Mapped[int] = mapped_column(Integer, default=48)
+    max_faces: Mapped[int] = mapped_column(Integer, default=64)
     model_sha256: Mapped[str] = mapped_column(String(64))
     detector: Mapped[str] = mapped_column(String(64))
+    # Each submit that starts the job over (--force, or after a failure) is a new run; messages carry the run
+    # they were queued for, and those of an older run are dropped.
+    run: Mapped[int] = mapped_column(Integer, default=1)
     # Progress and results.
     frames_analyzed: Mapped[int] = mapped_column(Integer, default=0)
     faces_found: Mapped[int] = mapped_column(Integer, default=0)
@@ -75,8 +81,13 @@ class Segment(Base):
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     start_s: Mapped[float] = mapped_column(Float)
     end_s: Mapped[float | None] = mapped_column(Float)  # None: to the end of the video
+    run: Mapped[int] = mapped_column(Integer, default=1)
     status: Mapped[str] = mapped_column(String(16), default="queued")
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # each start; the latest one is the lease's token
+    deaths: Mapped[int] = mapped_column(Integer, default=0)  # starts that never ended (the worker died)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))  # host:pid of the process running it
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))  # None: no message sent yet
     frames: Mapped[int] = mapped_column(Integer, default=0)
     faces: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128))
@@ -85,6 +96,8 @@ class Segment(Base):
     timings: Mapped[dict | None] = mapped_column(JSON)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_segments_status_lease", "status", "lease_until"),)
 
 
 class Frame(Base):

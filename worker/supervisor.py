@@ -2,7 +2,10 @@
 
 Each process takes one segment at a time (prefork pool of one child): the models load in the child, after the
 fork (CUDA must not be initialised before a fork), and a child killed mid-segment sends its message back to the
-queue at once. Processes that exit are restarted; Ctrl-C or SIGTERM stops them all.
+queue at once. Processes that exit are restarted. Ctrl-C or SIGTERM (docker stop) stops them all: each pool child
+hands its segment back between two batches (a second or so), well inside Docker's stop grace period.
+
+This process also runs the sweeper (worker.sweeper), which recovers what dead workers and lost messages leave.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from model.errors import FervidError
 
@@ -58,6 +62,41 @@ def _start(name: str, env: dict, loglevel: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env)
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc): the prefork pool of a Celery worker."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _start_sweeper():  # noqa: ANN202
+    """The sweeper thread; None when the database cannot be opened yet (the workers wait for it too)."""
+    import logging
+
+    from worker.celery_app import PRIORITY_STEPS, QUEUE, SEP, broker_url
+    from worker.db import open_database
+    from worker.settings import QueuePolicy
+    from worker.sweeper import RedisView, Sweeper
+    from worker.tasks import send
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/sweeper] %(message)s")
+    try:
+        sessions = open_database()
+    except FervidError as e:
+        print(f"fervid worker: sweeper not started: {e}", file=sys.stderr, flush=True)
+        return None
+    sweeper = Sweeper(sessions, QueuePolicy.from_env(), lambda j, r, idxs, pr: send(sessions, j, r, idxs, pr),
+                      lambda: RedisView(broker_url(), QUEUE, PRIORITY_STEPS, SEP))  # fmt: skip
+    sweeper.start()
+    return sweeper
+
+
 def run(gpus: str | None, concurrency: int, loglevel: str = "INFO") -> int:
     specs = worker_commands(gpus, concurrency, loglevel)
     procs = {name: _start(name, env, loglevel) for name, env in specs}
@@ -69,12 +108,22 @@ def run(gpus: str | None, concurrency: int, loglevel: str = "INFO") -> int:
         stopping = True
         for p in procs.values():
             if p.poll() is None:
+                # The pool children too: each hands its segment back instead of running it to the end.
+                for child in _children(p.pid):
+                    try:
+                        os.kill(child, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
                 p.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print(f"fervid worker: started {', '.join(procs)}", flush=True)
+    sweeper, sweeper_tried = None, 0.0
     while True:
+        if sweeper is None and not stopping and time.monotonic() - sweeper_tried > 15:
+            sweeper_tried = time.monotonic()
+            sweeper = _start_sweeper()
         time.sleep(1)
         for name, p in list(procs.items()):
             if p.poll() is not None and not stopping:
@@ -82,4 +131,6 @@ def run(gpus: str | None, concurrency: int, loglevel: str = "INFO") -> int:
                 time.sleep(2)
                 procs[name] = _start(name, envs[name], loglevel)
         if stopping and all(p.poll() is not None for p in procs.values()):
+            if sweeper is not None:
+                sweeper.stop()
             return 0

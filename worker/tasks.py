@@ -1,24 +1,38 @@
-"""Celery tasks: thin wrappers around worker.jobs. Models load once per worker process, after the fork."""
+"""Celery tasks: thin wrappers around worker.jobs. Models load once per worker process, after the fork.
+
+A message is (job id, segment index, run). The task claims the segment in the database, so a repeated, late or
+stale message does nothing; database outages are waited out inside the task (worker.db.with_db_retry) rather than
+by Celery retries, which would pull every queued message into the worker's memory as delayed retries.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
+import signal
+import threading
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
-from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from celery.signals import worker_process_init
 
+from model.errors import FervidError
 from worker.celery_app import app
 from worker.db import open_database
-from worker.jobs import mark_failed, run_segment
+from worker.jobs import Claim, mark_enqueued, run_segment
+from worker.media import media_roots
+from worker.settings import QueuePolicy
 
 log = logging.getLogger("fervid.worker")
-# A database or broker that is briefly away: retried with backoff. Anything else (a bad video) is final.
-TRANSIENT = (OperationalError, DBAPIError, BrokerError, ConnectionError, TimeoutError)
-MAX_RETRIES = int(os.environ.get("FERVID_TASK_MAX_RETRIES", "8"))
+POLICY = QueuePolicy.from_env()
+# Set by SIGTERM in a pool process: the running segment is handed back between two batches.
+stopping = threading.Event()
+
+
+@worker_process_init.connect
+def _on_pool_process_start(**_kwargs: object) -> None:
+    # Celery resets SIGTERM to its default (die) in pool processes; a stopping worker (docker stop, Ctrl-C,
+    # a redeploy) should instead hand its segment back within the stop grace period.
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
 
 @functools.cache
@@ -27,40 +41,49 @@ def sessions():  # noqa: ANN201
 
 
 @functools.lru_cache(maxsize=2)
-def analyzer_for(model: str):  # noqa: ANN201
+def _analyzer(model: str):  # noqa: ANN202
+    import os
+
     from worker.pipeline import Analyzer
 
     return Analyzer(model, os.environ.get("FERVID_DEVICE", "auto"))
 
 
+def analyzer_for(model: str, sha256: str):  # noqa: ANN201
+    """The models of a job, exactly the weights it was submitted with."""
+    analyzer = _analyzer(model)
+    if analyzer.classifier.sha256 != sha256:
+        raise FervidError(
+            f"{model}: the weights here (sha256 {analyzer.classifier.sha256[:12]}...) are not the ones the job was "
+            f"submitted with (sha256 {sha256[:12]}...)"
+        )
+    return analyzer
+
+
 class SegmentTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001
-        job_id, idx = args
-        reason = "database unreachable" if isinstance(exc, TRANSIENT) else type(exc).__name__
-        if isinstance(exc, SoftTimeLimitExceeded):
-            reason = f"segment ran longer than its time limit ({app.conf.task_soft_time_limit} s)"
-        msg = f"segment {idx} failed after {self.request.retries} retries: {reason}: {exc}".splitlines()[0]
-        ok = mark_failed(sessions(), job_id, idx, msg)
-        log.error("job %s %s%s", job_id, msg, "" if ok else " (could not record it: database unreachable)")
+        log.error("job %s segment %s: %s: %s", args[0], args[1], type(exc).__name__, exc)
 
 
-@app.task(
-    bind=True,
-    base=SegmentTask,
-    name="fervid.analyze_segment",
-    autoretry_for=TRANSIENT,
-    retry_backoff=2,
-    retry_backoff_max=60,
-    retry_jitter=True,
-    max_retries=MAX_RETRIES,
-)
-def analyze_segment(self: Task, job_id: int, idx: int) -> str:
-    status = run_segment(sessions(), job_id, idx, analyzer_for)
-    log.info("job %s segment %s: %s", job_id, idx, status)
+@app.task(bind=True, base=SegmentTask, name="fervid.analyze_segment")
+def analyze_segment(self: Task, job_id: int, idx: int, run: int | None = None) -> str:
+    status = run_segment(sessions(), job_id, idx, run, analyzer_for, POLICY, roots=media_roots(),
+                         should_stop=stopping.is_set, requeue=_requeue)  # fmt: skip
+    log.info("job %s segment %s (run %s): %s", job_id, idx, run, status)
     return status
 
 
-def enqueue(job_id: int, segments: int | list[int], priority: int = 0) -> None:
-    """Queue a job's segments (a count, or the indices). Higher priority (0-9) runs first."""
-    for idx in range(segments) if isinstance(segments, int) else segments:
-        analyze_segment.apply_async((job_id, idx), priority=max(0, min(9, 9 - priority)))
+def _requeue(claim: Claim) -> None:
+    send(sessions(), claim.job_id, claim.run, [claim.idx], claim.priority)
+
+
+def enqueue(job_id: int, run: int, segments: list[int], priority: int = 0) -> None:
+    """Send a job's segment messages. Higher priority (0-9) runs first."""
+    for idx in segments:
+        analyze_segment.apply_async((job_id, idx, run), priority=max(0, min(9, 9 - priority)))
+
+
+def send(sessions_, job_id: int, run: int, segments: list[int], priority: int = 0) -> None:  # noqa: ANN001
+    """Send the messages, then record that they were sent (a segment not marked sent is sent by the sweeper)."""
+    enqueue(job_id, run, segments, priority)
+    mark_enqueued(sessions_, job_id, run, segments, POLICY)

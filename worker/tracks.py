@@ -9,13 +9,12 @@ Tracks are assigned over a whole job in frame order, so the segments of a long v
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sqlalchemy import select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.orm import Session
 
 from worker.schema import Face
 
@@ -78,41 +77,38 @@ class Tracker:
         return ids
 
 
-def link(frames: Iterable[tuple[float, np.ndarray, np.ndarray]], max_gap_s: float = 1.0) -> Iterator[list[int]]:
-    """Track ids per frame for (time ms, boxes, landmarks) given in time order."""
+def assign_tracks(session: Session, job_id: int, max_gap_s: float = 1.0, chunk: int = 20_000) -> int:
+    """Link all faces of a job into tracks and store each face's track id, in the caller's transaction; returns
+    the number of tracks. Faces are read and updated a chunk at a time (keyset pages in frame order), so memory
+    holds one chunk and the live tracks, however long the job."""
     tracker = Tracker(max_gap_s)
-    for t_ms, boxes, landmarks in frames:
-        yield tracker.update(t_ms, boxes, landmarks)
-
-
-def assign_tracks(sessions: sessionmaker, job_id: int, max_gap_s: float = 1.0, chunk: int = 20_000) -> int:
-    """Link all faces of a job into tracks and store each face's track id; returns the number of tracks."""
-    tracker = Tracker(max_gap_s)
-    q = (
-        select(Face.frame_index, Face.face, Face.time_ms, Face.x1, Face.y1, Face.x2, Face.y2, Face.landmarks)
-        .where(Face.job_id == job_id)
-        .order_by(Face.frame_index, Face.face)
-    )
-    updates: list[dict] = []
-
-    def flush_frame(frame: int, t_ms: float, faces: list, boxes: list, lms: list) -> None:
-        ids = tracker.update(t_ms, np.array(boxes, dtype=np.float64), np.array(lms, dtype=np.float64))
-        updates.extend({"job_id": job_id, "frame_index": frame, "face": f, "track": t}
-                       for f, t in zip(faces, ids, strict=True))  # fmt: skip
-
-    with sessions() as s:
-        current, cur_t, faces, boxes, lms = None, 0.0, [], [], []
-        for frame, face, t_ms, x1, y1, x2, y2, landmarks in s.execute(q).yield_per(chunk):
-            if frame != current and current is not None:
-                flush_frame(current, cur_t, faces, boxes, lms)
-                faces, boxes, lms = [], [], []
-            current, cur_t = frame, t_ms
-            faces.append(face)
-            boxes.append((x1, y1, x2, y2))
-            lms.append(landmarks)
-        if current is not None:
-            flush_frame(current, cur_t, faces, boxes, lms)
-    with sessions.begin() as s:
-        for i in range(0, len(updates), chunk):
-            s.execute(update(Face), updates[i : i + chunk])
-    return tracker.next_id
+    cols = (Face.frame_index, Face.face, Face.time_ms, Face.x1, Face.y1, Face.x2, Face.y2, Face.landmarks)
+    after: tuple[int, int] = (-1, -1)
+    pending: list[tuple] = []  # the faces of a frame that may continue on the next page
+    while True:
+        page = session.execute(
+            select(*cols).where(Face.job_id == job_id, tuple_(Face.frame_index, Face.face) > after)
+            .order_by(Face.frame_index, Face.face).limit(chunk)
+        ).all()  # fmt: skip
+        if page:
+            after = (page[-1][0], page[-1][1])
+        rows = pending + list(page)
+        last_frame = rows[-1][0] if page and len(page) == chunk else None  # may be cut: keep it for next page
+        pending = [r for r in rows if r[0] == last_frame]
+        todo = [r for r in rows if r[0] != last_frame]
+        updates = []
+        i = 0
+        while i < len(todo):
+            j = i
+            while j < len(todo) and todo[j][0] == todo[i][0]:
+                j += 1
+            frame = todo[i:j]
+            ids = tracker.update(frame[0][2], np.array([r[3:7] for r in frame], dtype=np.float64),
+                                 np.array([r[7] for r in frame], dtype=np.float64))  # fmt: skip
+            updates += [{"job_id": job_id, "frame_index": r[0], "face": r[1], "track": t}
+                        for r, t in zip(frame, ids, strict=True)]  # fmt: skip
+            i = j
+        if updates:
+            session.execute(update(Face), updates)
+        if len(page) < chunk:  # the last page (a frame is only held back from a full page)
+            return tracker.next_id

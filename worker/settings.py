@@ -1,0 +1,101 @@
+"""Every setting of a job and of the queue, with its default, defined once.
+
+`Settings` is what a job analyses with (stored on the job; part of what makes two jobs "the same"); the CLI's
+options read their defaults from it. `QueuePolicy` is how the queue keeps jobs alive through faults; each field can
+be overridden by an environment variable named FERVID_<FIELD> (e.g. FERVID_LEASE_S=120).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, fields
+
+from model.errors import FervidError
+
+# RetinaFace's smallest anchors are 16 px; a face of `min_face` pixels must still be ~20 px at the detector's
+# input, so frames are shrunk by 20 / min_face before detection (never enlarged).
+DETECT_MIN_PX = 20.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    sample_fps: float = 5.0  # frames per second of video time (0 = every frame)
+    start_s: float = 0.0
+    end_s: float | None = None
+    model: str = "small"  # a shipped model name, or the absolute path of a .safetensors file
+    score_threshold: float = 0.9
+    # Faces smaller than the classifier's 48x48 input carry little expression detail; 48 px faces also let the
+    # detector run at 0.42x, where it is ~2x faster than at 0.5x on a CPU (BENCHMARKS.md).
+    min_face: int = 48
+    # A crowd shot must not turn one frame into thousands of rows: the largest faces are kept.
+    max_faces: int = 64
+
+    def validate(self) -> None:
+        if not math.isfinite(self.sample_fps) or self.sample_fps < 0 or self.sample_fps > 1000:
+            raise FervidError(f"--fps must be 0 (every frame) or a positive number up to 1000, got {self.sample_fps}")
+        if not math.isfinite(self.start_s) or self.start_s < 0:
+            raise FervidError(f"--start must be a finite number of seconds >= 0, got {self.start_s}")
+        if self.end_s is not None and (not math.isfinite(self.end_s) or self.end_s <= self.start_s):
+            raise FervidError(f"--end must be a finite number of seconds after --start, got {self.end_s}")
+        if not math.isfinite(self.score_threshold) or not 0 < self.score_threshold < 1:
+            raise FervidError(f"--threshold must be between 0 and 1, got {self.score_threshold}")
+        if self.min_face < 1 or self.min_face > 4096:
+            raise FervidError(f"--min-face must be 1 to 4096 pixels, got {self.min_face}")
+        if not 1 <= self.max_faces <= 1000:
+            raise FervidError(f"--max-faces must be 1 to 1000, got {self.max_faces}")
+
+    @property
+    def detect_scale(self) -> float:
+        return min(1.0, DETECT_MIN_PX / self.min_face)
+
+
+def default(field_name: str) -> object:
+    """The default of a Settings field, for argparse."""
+    return next(f.default for f in fields(Settings) if f.name == field_name)
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    # A running segment holds a lease that its process renews every heartbeat_s; a lease not renewed for lease_s
+    # means the worker died, and the sweeper (every sweep_s) queues the segment again: within
+    # lease_s + sweep_s (75 s by default) of a death, well inside the 2 minutes promised in the README.
+    lease_s: float = 60.0
+    heartbeat_s: float = 10.0
+    sweep_s: float = 15.0
+    # A segment whose worker died this many times (out of memory, a decoder crash) fails its job.
+    max_deaths: int = 3
+    # Transient database errors (connection lost or refused, timeouts) are retried with backoff for this long.
+    db_retry_s: float = 600.0
+    db_retry_max_delay_s: float = 30.0
+    # PostgreSQL: how fast a dropped network or a stuck statement becomes an error (then retried).
+    db_connect_timeout_s: int = 10
+    db_statement_timeout_s: int = 300
+    segment_s: float = 60.0  # video seconds per task
+    max_segments: int = 10_000  # per job: a header claiming a billion frames must not become a million tasks
+    segment_time_limit_s: int = 3600  # one segment's compute; Celery kills a task that runs longer
+    # A message queued this long without being seen in Redis is queued again (a submit killed before enqueueing).
+    enqueue_grace_s: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> QueuePolicy:
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"FERVID_{f.name.upper()}")
+            if raw is None:
+                continue
+            kind = int if isinstance(f.default, int) else float
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise FervidError(f"FERVID_{f.name.upper()}={raw!r} is not a number") from None
+            if not math.isfinite(value) or value <= 0:
+                raise FervidError(f"FERVID_{f.name.upper()} must be a positive number, got {raw!r}")
+            values[f.name] = value
+        return dataclasses.replace(cls(), **values)
+
+
+def validate_segment_s(segment_s: float) -> None:
+    if not math.isfinite(segment_s) or segment_s < 1:
+        raise FervidError(f"--segment must be a finite number of seconds >= 1, got {segment_s}")
