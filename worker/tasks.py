@@ -13,7 +13,6 @@ import signal
 import threading
 
 from celery import Task
-from celery.signals import worker_process_init
 
 from model.errors import FervidError
 from worker.celery_app import app
@@ -24,15 +23,12 @@ from worker.settings import QueuePolicy
 
 log = logging.getLogger("fervid.worker")
 POLICY = QueuePolicy.from_env()
-# Set by SIGTERM in a pool process: the running segment is handed back between two batches.
+# Set by SIGTERM in a pool process while it runs a segment: the segment is handed back between two batches.
 stopping = threading.Event()
 
 
-@worker_process_init.connect
-def _on_pool_process_start(**_kwargs: object) -> None:
-    # Celery resets SIGTERM to its default (die) in pool processes; a stopping worker (docker stop, Ctrl-C,
-    # a redeploy) should instead hand its segment back within the stop grace period.
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+def _hand_back_on_sigterm(_signum: int, _frame: object) -> None:
+    stopping.set()
 
 
 @functools.cache
@@ -41,17 +37,13 @@ def sessions():  # noqa: ANN201
 
 
 @functools.lru_cache(maxsize=2)
-def _analyzer(model: str):  # noqa: ANN202
+def analyzer_for(model: str, sha256: str):  # noqa: ANN201
+    """The models of a job: exactly the weights it was submitted with (their checksum), or a clear error."""
     import os
 
     from worker.pipeline import Analyzer
 
-    return Analyzer(model, os.environ.get("FERVID_DEVICE", "auto"))
-
-
-def analyzer_for(model: str, sha256: str):  # noqa: ANN201
-    """The models of a job, exactly the weights it was submitted with."""
-    analyzer = _analyzer(model)
+    analyzer = Analyzer(model, os.environ.get("FERVID_DEVICE", "auto"))
     if analyzer.classifier.sha256 != sha256:
         raise FervidError(
             f"{model}: the weights here (sha256 {analyzer.classifier.sha256[:12]}...) are not the ones the job was "
@@ -67,8 +59,15 @@ class SegmentTask(Task):
 
 @app.task(bind=True, base=SegmentTask, name="fervid.analyze_segment")
 def analyze_segment(self: Task, job_id: int, idx: int, run: int | None = None) -> str:
-    status = run_segment(sessions(), job_id, idx, run, analyzer_for, POLICY, roots=media_roots(),
-                         should_stop=stopping.is_set, requeue=_requeue)  # fmt: skip
+    # While a segment runs, SIGTERM (docker stop, a redeploy: the supervisor passes it on) asks for the segment to be
+    # handed back rather than killing the process (billiard's own handler, which makes it exit, is restored after).
+    stopping.clear()
+    previous = signal.signal(signal.SIGTERM, _hand_back_on_sigterm)
+    try:
+        status = run_segment(sessions(), job_id, idx, run, analyzer_for, POLICY, roots=media_roots(),
+                             should_stop=stopping.is_set, requeue=_requeue)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     log.info("job %s segment %s (run %s): %s", job_id, idx, run, status)
     return status
 
