@@ -4,8 +4,8 @@
 
 Starts its own redis-server and uses a fresh PostgreSQL database (127.0.0.1:5432) for both runs. The copies are
 remuxed with a different tag each, so their content hashes (job identities) differ while their frames don't.
-Queue overhead per segment = the time a segment holds a worker beyond its own compute (database reads and the
-commit), plus the gap before the worker starts its next segment; it is reported against the compute time.
+Queue overhead per segment = the time a segment holds a worker beyond its own compute (claiming it, its lease,
+the commit), plus the gap before the worker starts its next segment; it is reported against the compute time.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main() -> None:
             segs = s.scalars(select(Segment)).all()
         assert all(j.status == "done" for j in jobs), [j.error for j in jobs]
         frames = sum(j.frames_analyzed for j in jobs)
-        compute = sum(sg.timings["total"] for sg in segs)
+        compute = sum(sg.timings["compute"] for sg in segs)
         held = sum((sg.finished_at - sg.started_at).total_seconds() for sg in segs)
         gaps = 0.0
         by_worker: dict[str, list] = {}

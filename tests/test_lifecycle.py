@@ -309,3 +309,25 @@ def test_a_crowd_keeps_the_largest_faces(analyzer):
     assert len(kept.scores) == Settings().max_faces == 64
     areas = (kept.boxes[:, 2] - kept.boxes[:, 0]) * (kept.boxes[:, 3] - kept.boxes[:, 1])
     assert areas.max() > 150 * 150  # the big face is among them
+
+
+def test_the_lease_is_renewed_while_the_segment_runs_and_lost_when_taken(sessions):
+    sub = _submit(sessions)
+    claim = claim_segment(sessions, sub.job_id, 0, sub.run, POLICY)
+    with sessions() as s:
+        first = s.get(Segment, (sub.job_id, 0)).lease_until
+    lease = jobs_mod.Lease(sessions, claim, dataclasses.replace(POLICY, heartbeat_s=0.2))
+    lease.progress = (7, 3)
+    lease.start()
+    try:
+        time.sleep(0.8)
+        with sessions() as s:
+            seg = s.get(Segment, (sub.job_id, 0))
+            assert seg.lease_until > first and (seg.frames, seg.faces) == (7, 3)
+        assert not lease.lost.is_set()
+        with sessions.begin() as s:  # judged dead and started elsewhere meanwhile
+            s.execute(update(Segment).where(Segment.job_id == sub.job_id, Segment.idx == 0)
+                      .values(attempts=Segment.attempts + 1))  # fmt: skip
+        assert lease.lost.wait(5)
+    finally:
+        lease.stop()

@@ -6,7 +6,6 @@ own PostgreSQL database, and its own worker processes; everything is stopped aft
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import signal
@@ -22,10 +21,9 @@ from sqlalchemy import func, select, text
 
 from tests.conftest import ROOT, shared_path
 from worker.db import open_database
-from worker.jobs import analyze_video
-from worker.pipeline import Analyzer
 from worker.schema import EMOTIONS, Face, Frame, Job, Segment
 from worker.settings import Settings
+from worker.supervisor import threads_per_worker
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +139,6 @@ class Cluster:
             "FERVID_BROKER_URL": redis.url,
             "FERVID_DATABASE_URL": db_url or pg_url,
             "FERVID_MEDIA_ROOTS": f"{self.media}{os.pathsep}{shared_path('videos')}",
-            "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         }
         self.workers: list[subprocess.Popen] = []
@@ -208,23 +205,20 @@ def submitted_ids(proc: subprocess.CompletedProcess) -> list[int]:
     return [int(m) for m in re.findall(r": job (\d+) queued", proc.stdout)]
 
 
-@functools.cache
-def _reference_analyzer() -> Analyzer:
-    return Analyzer("small", "cpu")
-
-
-def reference_rows(tmp_path: Path, video: Path, settings: Settings) -> list[tuple]:
-    """The rows an uninterrupted in-process run gives, for comparison (one thread, as the test's workers)."""
-    import torch
-
-    sessions = open_database(f"sqlite:///{tmp_path / 'ref.db'}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        job = analyze_video(video, settings, sessions, _reference_analyzer())
-    finally:
-        torch.set_num_threads(threads)
-    return rows_of(sessions, job.id)
+def reference_rows(tmp_path: Path, video: Path, settings: Settings, segment_s: float,
+                   concurrency: int = 1) -> list[tuple]:  # fmt: skip
+    """The rows a clean, uninterrupted `fervid analyze` of the same job gives: the same segments (so the frames go
+    through the models in the same batches) and the threads of a worker started with `concurrency` (float sums
+    differ in their last digits between thread counts, by up to ~3e-4 in a probability)."""
+    db = f"sqlite:///{tmp_path / 'reference.db'}"
+    threads = str(threads_per_worker(concurrency))
+    env = os.environ | {"OMP_NUM_THREADS": threads, "FERVID_SEGMENT_S": str(segment_s)}
+    proc = subprocess.run([sys.executable, "-m", "fervid.cli", "analyze", str(video), "--fps", str(settings.sample_fps),
+                           "--device", "cpu", "--db", db], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = int(proc.stdout.split(": job ")[1].split()[0])
+    return rows_of(open_database(db), job_id)
 
 
 def rows_of(sessions, job_id: int) -> list[tuple]:
@@ -275,7 +269,7 @@ def test_long_video_in_segments_matches_one_process(cluster, tmp_path):
         segs = s.scalars(select(Segment).where(Segment.job_id == ids[0])).all()
         assert len(segs) == 5 and all(sg.status == "done" for sg in segs)
         assert len({sg.worker for sg in segs}) >= 1
-    assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=5)))
+    assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=5), 4, 2))
 
 
 def test_worker_killed_mid_segment(cluster, tmp_path):
@@ -300,7 +294,7 @@ def test_worker_killed_mid_segment(cluster, tmp_path):
     with cluster.sessions() as s:
         attempts = sum(sg.attempts for sg in s.scalars(select(Segment).where(Segment.job_id == ids[0])))
     assert attempts >= 3  # the killed segment ran twice
-    assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=10)))
+    assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=10), 10, 2))
 
 
 def test_redis_restart_loses_no_job(cluster, redis):
@@ -373,7 +367,7 @@ def test_a_90_second_database_outage_is_survived_with_the_default_policy(proxied
     proxy.mend()
     job = c.wait(ids, timeout=240)[ids[0]]
     assert job.status == "done", job.error
-    assert_same_rows(rows_of(c.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=5)))
+    assert_same_rows(rows_of(c.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=5), 10))
 
 
 def test_permanent_database_error_fails_the_job_at_once(proxied):
@@ -525,7 +519,8 @@ def test_messages_of_an_older_run_are_dropped_by_workers(cluster, tmp_path):
     with cluster.sessions() as s:
         segs = s.scalars(select(Segment).where(Segment.job_id == first[0])).all()
     assert len(segs) == 4 and all(sg.run == 2 and sg.attempts == 1 and sg.status == "done" for sg in segs)
-    assert_same_rows(rows_of(cluster.sessions, first[0]), reference_rows(tmp_path, video, Settings(sample_fps=5)))
+    assert_same_rows(rows_of(cluster.sessions, first[0]),
+                     reference_rows(tmp_path, video, Settings(sample_fps=5), 5))  # fmt: skip
     time.sleep(2)
     log = (tmp_path / "worker0.log").read_text()
     assert log.count("(run 1): stale") == 4, log[-3000:]
@@ -582,5 +577,97 @@ def test_a_stopping_worker_hands_its_segment_back(cluster, tmp_path):
     with cluster.sessions() as s:
         seg = s.get(Segment, (ids[0], 0))
         assert seg.deaths == 0 and seg.attempts == 2
-    assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=10)))
+    assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=10), 100))
     assert stopped < 10
+
+
+CHAOS_WORKLOAD = [  # (clip, fps, segment seconds): about 2,700 frames in 22 segments
+    ("pyfeat_WolfgangLanger_Pexels.mp4", "0", "4"),
+    ("liveportrait_d6.mp4", "15", "5"),
+    ("liveportrait_d6.mp4", "0", "6"),
+    ("pyfeat_noface_face.mov", "10", "2"),
+    ("liveportrait_d0.mp4", "0", "60"),
+    ("pyfeat_single_face.mp4", "0", "60"),
+]
+
+
+def test_chaos_every_job_ends_done_with_the_rows_of_a_clean_run(tmp_path, pg_url):
+    """Two real workers, Redis with append-only persistence, PostgreSQL behind a proxy, the product's default
+    timeouts, and one of each fault: a pool child killed, a worker's main process killed, PostgreSQL cut for 30 s,
+    Redis restarted, a whole worker tree killed, a worker stopped as `docker stop` does. Every job must end done
+    within 3 minutes of the last fault, with exactly the rows of a clean in-process run, without any command."""
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis")
+    proxy = TcpProxy()
+    c = Cluster(tmp_path, pg_url, redis, db_url=pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+    faults: list[str] = []
+
+    def log(what: str) -> None:
+        faults.append(f"{time.time() - t0:6.1f} s: {what}")
+
+    try:
+        ids = []
+        for clip, fps, seg in CHAOS_WORKLOAD:
+            ids += submitted_ids(c.cli("submit", str(shared_path("videos", clip)), "--fps", fps, "--segment", seg))
+        assert len(ids) == len(CHAOS_WORKLOAD)
+        t0 = time.time()
+        trees = [c.start_workers(1), c.start_workers(1)]
+
+        seg = running_segment(c.sessions, ids)
+        child = pid_of(seg.lease_owner)
+        os.kill(child, signal.SIGKILL)
+        log(f"killed pool child {child} (job {seg.job_id} segment {seg.idx})")
+
+        seg = running_segment(c.sessions, ids, not_owned_by={child})
+        main = ppid(pid_of(seg.lease_owner))
+        os.kill(main, signal.SIGKILL)
+        log(f"killed worker main process {main} (job {seg.job_id} segment {seg.idx} running under it)")
+
+        running_segment(c.sessions, ids, not_owned_by={child})
+        proxy.cut()
+        log("PostgreSQL cut")
+        time.sleep(30)
+        proxy.mend()
+        log("PostgreSQL back")
+
+        redis.stop()
+        log("Redis stopped")
+        time.sleep(3)
+        redis.start()
+        log("Redis restarted")
+
+        seg = running_segment(c.sessions, ids, not_owned_by={child})
+        victim = next(t for t in trees if t.poll() is None and t.pid == ppid(ppid(pid_of(seg.lease_owner))))
+        os.killpg(victim.pid, signal.SIGKILL)
+        trees.remove(victim)
+        log(f"killed worker tree {victim.pid} (job {seg.job_id} segment {seg.idx})")
+        trees.append(c.start_workers(1))
+
+        other = trees[0]
+        seg = running_segment(c.sessions, ids, worker=other.pid, timeout=180)
+        other.send_signal(signal.SIGTERM)
+        try:
+            other.wait(10)
+            log(f"stopped worker {other.pid} (job {seg.job_id} segment {seg.idx}); it exited in time")
+        except subprocess.TimeoutExpired:
+            os.killpg(other.pid, signal.SIGKILL)
+            log(f"stopped worker {other.pid}: still there after 10 s, killed")
+        trees.append(c.start_workers(1))
+        last_fault = time.time()
+
+        jobs = c.wait(ids, timeout=180)
+        took = time.time() - last_fault
+        print("\n".join(faults) + f"\nall jobs ended {took:.0f} s after the last fault")
+        assert all(j.status == "done" for j in jobs.values()), {i: (j.status, j.error) for i, j in jobs.items()}
+        assert took < 180
+        with c.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Segment).where(Segment.status != "done")) == 0
+            deaths = s.scalar(select(func.sum(Segment.deaths)))
+        assert deaths >= 2, faults  # the killed child, and the killed tree, at least
+        for (clip, fps, seg), job_id in zip(CHAOS_WORKLOAD, ids, strict=True):
+            want = reference_rows(tmp_path, shared_path("videos", clip), Settings(sample_fps=float(fps)), float(seg))
+            assert_same_rows(rows_of(c.sessions, job_id), want)
+    finally:
+        c.stop()
+        proxy.close()
+        redis.stop()

@@ -67,3 +67,17 @@ def test_resume_after_kill_matches_uninterrupted_run(fer_npz, tmp_path):
     hist = torch.load(cut / "last.pt", weights_only=False)["history"]
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     assert json.loads(json.dumps(hist))  # history is plain data
+
+
+def test_fast_settings_follow_the_cpu(monkeypatch):
+    """bf16 autocast on a CPU with native bf16, fp32 on one without (emulated bf16 is slower than fp32)."""
+    import torch
+
+    from training.train import resolve_amp
+
+    cpu = torch.device("cpu")
+    for bf16, amx, want in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_amp("auto", cpu) is want
+    assert resolve_amp("off", cpu) is False and resolve_amp("on", cpu) is True

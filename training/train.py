@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.device import resolve_device
+from model.device import cpu_features, resolve_device
 from model.errors import FervidError
 from model.predict import normalize, predict_proba
 from model.registry import create_model
@@ -48,11 +48,13 @@ class TrainConfig:
 
 
 def resolve_amp(amp: str, device: torch.device) -> bool:
+    """bf16 autocast where the hardware has it: CUDA, and CPUs with native bf16 (AVX512-BF16 or AMX), detected at
+    run time. Emulated bf16 is slower than fp32, so other CPUs train in fp32 (scripts/bench_training.py)."""
     if amp == "auto":
         if device.type == "cuda":
             return True
-        # Emulated bf16 is slower than fp32; native (AVX512-BF16 / AMX) is about 2x faster here.
-        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+        features = cpu_features()
+        return features["avx512_bf16"] or features["amx_bf16"]
     return amp == "on"
 
 

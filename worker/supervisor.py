@@ -39,6 +39,11 @@ def _gpus(spec: str | None) -> list[str]:
     return ids
 
 
+def threads_per_worker(concurrency: int) -> int:
+    """Torch threads of each CPU worker process: the cores shared out."""
+    return max(1, (os.cpu_count() or 1) // max(concurrency, 1))
+
+
 def worker_commands(gpus: str | None, concurrency: int, loglevel: str = "INFO") -> list[tuple[str, dict]]:
     """(name, environment) of each worker process to start."""
     ids = _gpus(gpus)
@@ -48,7 +53,7 @@ def worker_commands(gpus: str | None, concurrency: int, loglevel: str = "INFO") 
         for g in ids:
             procs.append((f"fervid-gpu{g}", base | {"CUDA_VISIBLE_DEVICES": g, "FERVID_DEVICE": "cuda"}))
     else:
-        threads = max(1, (os.cpu_count() or 1) // max(concurrency, 1))
+        threads = threads_per_worker(concurrency)
         for i in range(max(concurrency, 1)):
             env = base | {"CUDA_VISIBLE_DEVICES": "", "FERVID_DEVICE": "cpu", "OMP_NUM_THREADS": str(threads)}
             procs.append((f"fervid-cpu{i}", env))
