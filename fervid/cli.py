@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from model.config import DEFAULT_MODEL
 from model.errors import FervidError
 
 
@@ -39,6 +40,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"{r['model']} on {r['split']} of {r['data']}: n={r['n']} accuracy {r['accuracy']:.4f}")
     for mode, acc in report.get("tta_accuracy", {}).items():
         print(f"  with TTA {mode}: {acc:.4f}")
+    if "ferplus_majority" in report and report["ferplus_majority"]["n"]:
+        fp = report["ferplus_majority"]
+        tta = "".join(f", {m} {a:.4f}" for m, a in fp.get("tta_accuracy", {}).items())
+        print(f"  against the FER+ majority labels (n={fp['n']}): accuracy {fp['accuracy']:.4f}{tta}")
     print(f"  {'class':<10}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for c, m in report["per_class"].items():
         print(f"  {c:<10}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>10}")
@@ -56,13 +61,40 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'name':<8}{'params':>10}  {'input':<9}{'PublicTest':>11}{'PrivateTest':>12}  weights")
+
+    def acc(block: dict | None) -> str:
+        if not block or block.get("accuracy") is None:
+            return "-"
+        tta = "/".join(f"{block[m]:.4f}" for m in ("flip", "tencrop") if block.get(m) is not None)
+        return f"{block['accuracy']:.4f}" + (f" ({tta})" if tta else "")
+
+    def measured_on(ev: dict) -> str:
+        if not ev:
+            return "-"
+        load = f", load {ev['load_avg_1min']:.1f}" if ev.get("load_avg_1min") is not None else ""
+        return f"{ev['cpu']}, {ev['threads']} threads, {ev['date']}{load}"
+
+    table = []
     for r in rows:
-        size = "x".join(str(s) for s in r["input_size"])
-        acc = r["accuracy"]
-        public, private = (f"{acc[k]:.4f}" if k in acc else "-" for k in ("PublicTest", "PrivateTest"))
+        ev = r["eval"] or {}
+        public = ev.get("PublicTest") or {"accuracy": r["accuracy"].get("PublicTest")}
+        private = ev.get("PrivateTest") or {"accuracy": r["accuracy"].get("PrivateTest")}
+        rate = ev.get("faces_per_s", {}).get("batch_32")
         where = f"{r['weights']} (sha256 {r['sha256'][:12]})" if r["weights"] else "none shipped (train it)"
-        print(f"{r['name']:<8}{r['parameters']:>10,}  {size:<9}{public:>11}{private:>12}  {where}")
+        table.append([("* " if r["default"] else "  ") + r["name"], f"{r['parameters']:,}",
+                      "x".join(str(s) for s in r["input_size"]), acc(public), acc(private),
+                      acc(ev.get("ferplus_majority_PrivateTest")), "-" if rate is None else f"{rate:,}",
+                      measured_on(ev), where])  # fmt: skip
+    head = ["  name", "params", "input", "PublicTest (+flip/+tencrop)", "PrivateTest (+flip/+tencrop)",
+            "FER+ PrivateTest (+flip/+tencrop)", "faces/s @32", "measured on", "weights"]  # fmt: skip
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *table, strict=True)]
+    right = {1, 6}
+    for line in [head, *table]:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))]
+        print("  ".join(cells).rstrip())
+    print("* the default model. Accuracies and faces/s were measured on the shipped weights by "
+          "`python -m scripts.measure_model NAME`; FER+ = PrivateTest rows whose FER+ votes have one most-voted "
+          "of the 7 emotions; load = the 1-minute load average while faces/s were timed.")  # fmt: skip
     return 0
 
 
@@ -389,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a model on a FER2013 split")
-    e.add_argument("--model", default="small", help="shipped model name or a .safetensors path")
+    e.add_argument("--model", default=DEFAULT_MODEL,
+                   help="shipped model name or a .safetensors path (default %(default)s)")  # fmt: skip
     e.add_argument("--data", required=True, help="fer2013 .npz / .npz.xz, Kaggle fer2013.csv, or image folder")
     e.add_argument("--split", default="PrivateTest", choices=["Training", "PublicTest", "PrivateTest"])
     e.add_argument("--tta", default="none", choices=["none", "flip", "tencrop", "all"],
@@ -471,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--db")
     pl.set_defaults(func=_cmd_plot)
 
-    m = sub.add_parser("models", help="list the emotion models and their shipped weights")
+    m = sub.add_parser("models", help="list the emotion models, the default (*), their shipped weights and measured "
+                       "accuracy and speed")  # fmt: skip
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_cmd_models)
     return p

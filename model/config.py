@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# The shipped model used when none is named (`Settings.model`, `fervid eval --model`, `fervid models`' "*").
+# Here, not in the heavier loader, because worker.settings reads it while every `fervid` command builds its parser.
+DEFAULT_MODEL = "small"
+
 # FER2013 label order.
 CLASSES: tuple[str, ...] = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from model import weights
-from model.config import ModelConfig
+from model.config import DEFAULT_MODEL, ModelConfig
 from model.errors import FervidError
 from model.predict import normalize, predict_proba
 from model.registry import ARCHITECTURES, count_parameters, create_model
@@ -107,16 +107,28 @@ def optimize_for_inference(net: nn.Module) -> nn.Module:
 
 
 def list_models() -> list[dict]:
-    """Every architecture, with its shipped weights and their accuracies where there are some."""
+    """Every architecture, with its shipped weights and their measured numbers where there are some.
+
+    "default" marks DEFAULT_MODEL. "eval" is the manifest's block measured on the shipped weights
+    (scripts/measure_model.py), read as stored, never recomputed; None without one. "accuracy" is
+    {split: accuracy} from that block, or, for weights never measured, the accuracies training wrote into the
+    weights' metadata (those are of the fp32 net before export, so they can differ in the 4th digit).
+    """
     rows = []
     for arch in ARCHITECTURES:
         net = create_model(arch)
         trainable, _ = count_parameters(net)
-        row = {"name": arch, "architecture": arch, "parameters": trainable,
-               "input_size": list(net.cfg.input_size), "accuracy": {}, "weights": None, "sha256": None}  # fmt: skip
+        row = {"name": arch, "architecture": arch, "default": arch == DEFAULT_MODEL, "parameters": trainable,
+               "input_size": list(net.cfg.input_size), "accuracy": {}, "eval": None, "weights": None,
+               "sha256": None}  # fmt: skip
         shipped = weights.shipped_weights(arch)
         if shipped:
             path, sha = shipped
-            row.update(accuracy=read_metadata(path).get("accuracy", {}), weights=str(path), sha256=sha)
+            measured = weights.measured_eval(arch)
+            if measured:
+                accuracy = {s: measured[s]["accuracy"] for s in ("PublicTest", "PrivateTest") if s in measured}
+            else:
+                accuracy = read_metadata(path).get("accuracy", {})
+            row.update(accuracy=accuracy, eval=measured, weights=str(path), sha256=sha)
         rows.append(row)
     return rows

@@ -86,7 +86,11 @@ def load_state_dict_into(net: nn.Module, path: Path) -> None:
 
 
 def read_manifest(weights_dir: Path | None = None) -> dict[str, dict]:
-    """{name: {"file", "sha256"}} of the shipped weights (model/weights/manifest.json)."""
+    """{name: {"file", "sha256", "eval"?}} of the shipped weights (model/weights/manifest.json).
+
+    "eval" holds the numbers measured on those weights by `python -m scripts.measure_model NAME` (accuracies, FER+
+    majority accuracy, faces/s, the CPU and date); it names the sha256 it was measured on.
+    """
     manifest = (weights_dir or WEIGHTS_DIR) / "manifest.json"
     if not manifest.is_file():
         return {}
@@ -100,9 +104,41 @@ def shipped_weights(name: str, weights_dir: Path | None = None) -> tuple[Path, s
     return (weights_dir / entry["file"], entry["sha256"]) if entry else None
 
 
+def _write_manifest(weights_dir: Path, manifest: dict[str, dict]) -> None:
+    tmp = weights_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(weights_dir / "manifest.json")
+
+
 def register_weights(name: str, path: Path) -> None:
-    """Record a weights file lying in its weights folder (name, file, sha256) in that folder's manifest."""
+    """Record a weights file lying in its weights folder (name, file, sha256) in that folder's manifest.
+
+    The entry's measured "eval" block is kept only while it was measured on these very weights.
+    """
     path = Path(path).resolve()
     manifest = read_manifest(path.parent)
-    manifest[name] = {"file": path.name, "sha256": sha256_file(path)}
-    (path.parent / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    entry = {"file": path.name, "sha256": sha256_file(path)}
+    old_eval = manifest.get(name, {}).get("eval")
+    if old_eval and old_eval.get("weights_sha256") == entry["sha256"]:
+        entry["eval"] = old_eval
+    manifest[name] = entry
+    _write_manifest(path.parent, manifest)
+
+
+def record_eval(name: str, measured: dict, weights_dir: Path | None = None) -> None:
+    """Store `measured` as the "eval" block of shipped model `name` (it must name the weights' sha256)."""
+    weights_dir = weights_dir or WEIGHTS_DIR
+    manifest = read_manifest(weights_dir)
+    if name not in manifest:
+        raise FervidError(f"model {name!r} is not in {weights_dir / 'manifest.json'}")
+    if measured.get("weights_sha256") != manifest[name]["sha256"]:
+        raise FervidError(f"these numbers were not measured on the shipped {name!r} weights (sha256 differs)")
+    manifest[name]["eval"] = measured
+    _write_manifest(weights_dir, manifest)
+
+
+def measured_eval(name: str, weights_dir: Path | None = None) -> dict | None:
+    """The "eval" block of shipped model `name`, or None (none measured, or measured on other weights)."""
+    entry = read_manifest(weights_dir).get(name) or {}
+    measured = entry.get("eval")
+    return measured if measured and measured.get("weights_sha256") == entry.get("sha256") else None

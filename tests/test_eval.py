@@ -1,15 +1,23 @@
 """The shipped `small` weights, evaluated the way the README says: accuracy, report fields, listing, errors."""
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
+import pytest
+import torch
+
+from model.config import CLASSES
 from model.weights import sha256_file
 from tests.conftest import ROOT, run_cli
+from training.evaluate import evaluate, ferplus_majority_labels
+from worker.settings import Settings
 
 
 def test_shipped_small_scores_on_private_test(fer_npz, tmp_path):
     png = tmp_path / "cm.png"
     proc = run_cli("eval", "--model", "small", "--data", str(fer_npz), "--split", "PrivateTest", "--json",
-                   "--tta", "flip", "--confusion", str(png), check=True)  # fmt: skip
+                   "--tta", "all", "--confusion", str(png), check=True)  # fmt: skip
     report = json.loads(proc.stdout)
     assert report["model"] == "small" and report["split"] == "PrivateTest" and report["n"] == 3589
     assert report["accuracy"] >= 0.64
@@ -22,16 +30,105 @@ def test_shipped_small_scores_on_private_test(fer_npz, tmp_path):
     # The committed report beside the weights says the same.
     committed = json.loads((ROOT / "model" / "weights" / "small.PrivateTest.json").read_text())
     assert committed["accuracy"] == report["accuracy"]
+    assert committed["tta_accuracy"] == report["tta_accuracy"]
+    assert committed["ferplus_majority"] == report["ferplus_majority"]
+    # `fervid models` lists the numbers `fervid eval` prints, read from the manifest (not recomputed).
+    fp = report["ferplus_majority"]
+    assert 3000 < fp["n"] < 3589 and set(fp["tta_accuracy"]) == {"flip", "tencrop"}
+    listed = {r["name"]: r for r in json.loads(run_cli("models", "--json", check=True).stdout)}["small"]
+    ev = listed["eval"]
+    assert ev["weights_sha256"] == report["weights_sha256"] == listed["sha256"]
+    assert listed["accuracy"]["PrivateTest"] == report["accuracy"]
+    assert ev["PrivateTest"] == {"n": report["n"], "accuracy": report["accuracy"], **report["tta_accuracy"]}
+    assert ev["ferplus_majority_PrivateTest"] == {"n": fp["n"], "accuracy": fp["accuracy"], **fp["tta_accuracy"]}
 
 
 def test_models_listing():
-    rows = {r["name"]: r for r in json.loads(run_cli("models", "--json", check=True).stdout)}
+    listing = json.loads(run_cli("models", "--json", check=True).stdout)
+    rows = {r["name"]: r for r in listing}
     small = rows["small"]
     assert small["sha256"] == sha256_file(ROOT / "model" / "weights" / "small.safetensors")
     assert small["accuracy"]["PrivateTest"] >= 0.64 and small["input_size"] == [1, 48, 48]
-    assert rows["seed"]["parameters"] == 5_902_151 and rows["seed"]["weights"] is None
-    table = run_cli("models", check=True).stdout
-    assert "small" in table and "seed" in table
+    assert rows["seed"]["parameters"] == 5_902_151 and rows["seed"]["weights"] is None and rows["seed"]["eval"] is None
+    # Exactly one default, the one a job analyses with.
+    assert [r["name"] for r in listing if r["default"] is True] == [Settings().model]
+    assert all(r["default"] is False for r in listing if r["name"] != Settings().model)
+    ev = small["eval"]
+    for split in ("PublicTest", "PrivateTest", "ferplus_majority_PrivateTest"):
+        assert set(ev[split]) == {"n", "accuracy", "flip", "tencrop"}
+    assert ev["PublicTest"]["accuracy"] == small["accuracy"]["PublicTest"] >= 0.64
+    assert ev["faces_per_s"]["batch_32"] > ev["faces_per_s"]["batch_1"] > 0
+    assert ev["cpu"] and ev["threads"] >= 1 and len(ev["date"]) == 10
+    table = run_cli("models", check=True).stdout.splitlines()
+    line = {ln.split()[1] if ln.startswith("*") else ln.split()[0]: ln for ln in table[1:] if ln.strip()}
+    assert line[Settings().model].startswith("* ") and line["seed"].startswith("  seed")
+    assert f"{ev['PrivateTest']['accuracy']:.4f} ({ev['PrivateTest']['flip']:.4f}/" in line["small"]
+    assert f"{ev['faces_per_s']['batch_32']:,}" in line["small"] and ev["cpu"] in line["small"]
+    assert line["seed"].count(" - ") >= 4 and "none shipped" in line["seed"]
+
+
+# FER+ votes: neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF.
+_VOTES = [  # (votes, ferplus_valid, expected FER2013 class or None when the row must be skipped)
+    ([4, 6, 0, 0, 0, 0, 0, 0, 0, 0], True, "Happy"),
+    ([0, 0, 0, 0, 5, 0, 5, 0, 0, 0], True, None),  # anger and fear tie at the top
+    ([0, 0, 0, 0, 4, 0, 0, 6, 0, 0], True, None),  # contempt has the most votes
+    ([0, 0, 4, 0, 0, 0, 0, 4, 2, 0], True, None),  # surprise ties with contempt
+    ([3, 0, 0, 0, 0, 0, 0, 0, 7, 0], True, None),  # unknown
+    ([0, 0, 0, 0, 0, 0, 0, 0, 0, 10], True, None),  # not a face
+    ([0, 0, 0, 7, 3, 0, 0, 0, 0, 0], False, None),  # FER+ entry not known to be this row
+    ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0], True, None),  # no votes
+    ([0, 0, 0, 1, 2, 3, 0, 0, 0, 0], True, "Disgust"),
+    ([1, 0, 0, 0, 0, 0, 6, 0, 1, 2], True, "Fear"),
+    ([9, 0, 0, 0, 0, 0, 0, 1, 0, 0], True, "Neutral"),
+]
+
+
+def test_ferplus_majority_mapping():
+    expected = ["Neutral", "Happy", "Surprise", "Sad", "Angry", "Disgust", "Fear"]  # FER+ columns 0..6
+    for col, name in enumerate(expected):
+        votes = np.zeros((1, 10), np.uint8)
+        votes[0, col], votes[0, 7] = 5, 4
+        assert ferplus_majority_labels(votes, np.array([True])).tolist() == [CLASSES.index(name)]
+    votes = np.array([v for v, _, _ in _VOTES], np.uint8)
+    valid = np.array([ok for _, ok, _ in _VOTES])
+    want = [-1 if c is None else CLASSES.index(c) for _, _, c in _VOTES]
+    assert ferplus_majority_labels(votes, valid).tolist() == want
+
+
+class _PixelModel:
+    """Predicts the class written in each face's pixels (with TTA 'flip': the next class)."""
+
+    name, sha256, classes, cfg = "stub", "0" * 64, CLASSES, SimpleNamespace(architecture="stub")
+
+    def predict_proba(self, faces: torch.Tensor, batch_size: int = 256, tta: str = "none") -> torch.Tensor:
+        cls = faces[:, 0, 0].long() + (1 if tta == "flip" else 0)
+        return torch.nn.functional.one_hot(cls % 7, 7).float()
+
+
+@pytest.mark.parametrize("with_votes", [True, False])
+def test_ferplus_majority_in_the_report(tmp_path, with_votes):
+    n = len(_VOTES)
+    ferplus = [c for _, _, c in _VOTES]  # rows 0, 8, 9, 10 have a FER+ label: Happy, Disgust, Fear, Neutral
+    # Plain predictions: right on rows 0 and 10, wrong on 8 (Angry) and 9 (Sad).
+    pred = [CLASSES.index(c) if c else 0 for c in ferplus]
+    pred[8], pred[9] = CLASSES.index("Angry"), CLASSES.index("Sad")
+    images = np.repeat(np.array(pred, np.uint8)[:, None, None], 48, 1).repeat(48, 2)
+    labels = np.array(pred)  # FER2013 labels all agree with the predictions
+    extra = {}
+    if with_votes:
+        extra = {"ferplus_votes": np.array([v for v, _, _ in _VOTES], np.uint8),
+                 "ferplus_valid": np.array([ok for _, ok, _ in _VOTES])}  # fmt: skip
+    # Training rows with FER+ labels must not count: same votes, other split.
+    np.savez(tmp_path / "d.npz", images=np.concatenate([images, images]), labels=np.concatenate([labels, labels]),
+             usage=np.array([2] * n + [0] * n, np.uint8),
+             **{k: np.concatenate([v, v]) for k, v in extra.items()})  # fmt: skip
+    report = evaluate(_PixelModel(), tmp_path / "d.npz", "PrivateTest", tta=("flip",))
+    assert report["n"] == n and report["accuracy"] == 1.0
+    if not with_votes:
+        assert "ferplus_majority" not in report
+        return
+    # "flip" predicts the next class: right only on row 8 (Angry -> Disgust).
+    assert report["ferplus_majority"] == {"n": 4, "accuracy": 0.5, "tta_accuracy": {"flip": 0.25}}
 
 
 def test_eval_errors_are_one_line(tmp_path):

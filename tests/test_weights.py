@@ -73,3 +73,30 @@ def test_not_a_weights_file(tmp_path):
 def test_unknown_model_name():
     with pytest.raises(FervidError, match="unknown model 'nosuch'"):
         load_model("nosuch")
+
+
+def test_measured_eval_follows_the_weights(small_file, tmp_path, monkeypatch):
+    _, path = small_file
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(path, shipped / "small.safetensors")
+    register_weights("small", shipped / "small.safetensors")
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", shipped)
+    sha = weights.sha256_file(shipped / "small.safetensors")
+    with pytest.raises(FervidError, match="sha256 differs"):
+        weights.record_eval("small", {"weights_sha256": "f" * 64})
+    with pytest.raises(FervidError, match="not in"):
+        weights.record_eval("nosuch", {"weights_sha256": sha})
+    measured = {"weights_sha256": sha, "PublicTest": {"accuracy": 0.25}, "PrivateTest": {"accuracy": 0.5}}
+    weights.record_eval("small", measured)
+    row = [r for r in list_models() if r["name"] == "small"][0]
+    assert row["eval"] == measured and row["accuracy"] == {"PublicTest": 0.25, "PrivateTest": 0.5}
+    register_weights("small", shipped / "small.safetensors")  # same file again: the numbers still hold
+    assert weights.measured_eval("small") == measured
+    # New weights in the same place: their old numbers are dropped, and the listing falls back to the metadata.
+    net = create_model("small")
+    save_weights(net, shipped / "small.safetensors", net.cfg, accuracy={"PublicTest": 0.1})
+    register_weights("small", shipped / "small.safetensors")
+    assert "eval" not in weights.read_manifest()["small"]
+    row = [r for r in list_models() if r["name"] == "small"][0]
+    assert row["eval"] is None and row["accuracy"] == {"PublicTest": 0.1}

@@ -2,7 +2,8 @@
 
 Layouts: the `.npz` in ../shared (also `.npz.xz`), Kaggle's `fer2013.csv` (emotion, pixels, Usage), and the
 image-folder layout (`train/<class>/*.png`, `test/<class>/*.png`; Kaggle's file names like
-`PublicTest_123.jpg` keep the official split).
+`PublicTest_123.jpg` keep the official split). Only the `.npz` carries the FER+ votes (`ferplus_votes`,
+`ferplus_valid`; see ../shared/data/fer2013/PROVENANCE.md); the other layouts leave them None.
 """
 
 from __future__ import annotations
@@ -28,13 +29,21 @@ class FerData:
     labels: np.ndarray  # int64 [N]
     usage: np.ndarray  # uint8 [N], index into SPLITS
     source: Path
+    # FER+ votes per row (neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF) and
+    # whether the row's FER+ entry is known to belong to it; None when the source has no FER+ votes.
+    ferplus_votes: np.ndarray | None = None  # uint8 [N, 10]
+    ferplus_valid: np.ndarray | None = None  # bool [N]
 
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def split_mask(self, name: str) -> np.ndarray:
         if name not in SPLITS:
             raise FervidError(f"unknown split {name!r} (known: {', '.join(SPLITS)})")
         mask = self.usage == SPLITS.index(name)
         if not mask.any():
             raise FervidError(f"{self.source}: has no {name} rows")
+        return mask
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        mask = self.split_mask(name)
         return self.images[mask], self.labels[mask]
 
     def has_split(self, name: str) -> bool:
@@ -69,6 +78,15 @@ def _check(d: FerData) -> None:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise FervidError(f"{d.source}: label {d.labels[i]} at row {i} is not in 0..6")
+    if (d.ferplus_votes is None) != (d.ferplus_valid is None):
+        raise FervidError(f"{d.source}: npz has only one of ferplus_votes and ferplus_valid (needs both or neither)")
+    if d.ferplus_votes is not None and (
+        d.ferplus_votes.shape != (len(d.images), 10) or d.ferplus_valid.shape != (len(d.images),)
+    ):
+        raise FervidError(
+            f"{d.source}: ferplus_votes is {d.ferplus_votes.shape} and ferplus_valid {d.ferplus_valid.shape}, "
+            f"expected ({len(d.images)}, 10) and ({len(d.images)},)"
+        )
 
 
 def _load_npz(path: Path) -> FerData:
@@ -87,6 +105,8 @@ def _load_npz(path: Path) -> FerData:
             labels=np.asarray(z["labels"], dtype=np.int64),
             usage=np.asarray(z["usage"], dtype=np.uint8),
             source=path,
+            ferplus_votes=np.asarray(z["ferplus_votes"], dtype=np.int64) if "ferplus_votes" in z.files else None,
+            ferplus_valid=np.asarray(z["ferplus_valid"], dtype=bool) if "ferplus_valid" in z.files else None,
         )
     except FervidError:
         raise

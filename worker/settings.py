@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass, fields
 
+from model.config import DEFAULT_MODEL
 from model.errors import FervidError
 
 # RetinaFace's smallest anchors are 16 px; a face of `min_face` pixels must still be ~20 px at the detector's
@@ -24,7 +25,7 @@ class Settings:
     sample_fps: float = 5.0  # frames per second of video time (0 = every frame)
     start_s: float = 0.0
     end_s: float | None = None
-    model: str = "small"  # a shipped model name, or the absolute path of a .safetensors file
+    model: str = DEFAULT_MODEL  # a shipped model name, or the absolute path of a .safetensors file
     score_threshold: float = 0.9
     # Faces smaller than the classifier's 48x48 input carry little expression detail; 48 px faces also let the
     # detector run at 0.42x, where it is ~2x faster than at 0.5x on a CPU (BENCHMARKS.md).
