@@ -1,9 +1,10 @@
 """Throughput of the queue: N copies of a real clip through K CPU workers, against `fervid analyze` in one process.
 
-    python -m scripts.bench_cluster [--copies 4] [--workers 2] [--fps 5] [--segment 10] [--clip PATH]
+    python -m scripts.bench_cluster [--copies 4] [--workers 2] [--fps 5] [--segment 10] [--clip PATH] [--repeat K]
 
 Starts its own redis-server and uses a fresh PostgreSQL database (127.0.0.1:5432) for both runs. The copies are
-remuxed with a different tag each, so their content hashes (job identities) differ while their frames don't.
+remuxed with a different tag each, so their content hashes (job identities) differ while their frames don't;
+`--repeat K` plays the clip K times in a row in each copy, for segments as long as real ones (60 s of video).
 Queue overhead per segment = the time a segment holds a worker beyond its own compute (claiming it, its lease,
 the commit), plus the gap before the worker starts its next segment; it is reported against the compute time.
 """
@@ -40,14 +41,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_copies(clip: Path, n: int, out: Path) -> list[Path]:
+def make_copies(clip: Path, n: int, out: Path, repeat: int = 1) -> list[Path]:
     import imageio_ffmpeg
 
+    listing = out.parent / f"{out.name}-concat.txt"  # outside the media root: only ffmpeg here reads it
+    listing.write_text(f"file '{clip}'\n" * repeat)
     paths = []
     for i in range(n):
         p = out / f"copy{i}{clip.suffix}"
-        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-i", str(clip), "-c", "copy",
-                        "-metadata", f"comment=copy {i}", str(p)], check=True)  # fmt: skip
+        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-f", "concat", "-safe", "0",
+                        "-i", str(listing), "-c", "copy", "-metadata", f"comment=copy {i}", str(p)],
+                       check=True)  # fmt: skip
         paths.append(p)
     return paths
 
@@ -58,6 +62,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--fps", default="5")
     p.add_argument("--segment", default="10")
+    p.add_argument("--repeat", type=int, default=1, help="play the clip this many times in a row in each copy")
     p.add_argument("--clip", default=str(ROOT.parent / "shared" / "videos" / "pyfeat_WolfgangLanger_Pexels.mp4"))
     args = p.parse_args()
     import torch
@@ -74,7 +79,7 @@ def main() -> None:
                         "FERVID_MEDIA_ROOTS": str(tmp), "PYTHONUNBUFFERED": "1"}  # fmt: skip
     workers = None
     try:
-        copies = make_copies(Path(args.clip), args.copies, tmp)
+        copies = make_copies(Path(args.clip), args.copies, tmp, args.repeat)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "fervid.cli", "analyze", *map(str, copies), "--fps", args.fps,
                         "--device", "cpu"], cwd=ROOT, env=env | {"FERVID_DATABASE_URL": db}, check=True,
@@ -110,6 +115,7 @@ def main() -> None:
                 max(0.0, (b.started_at - a.finished_at).total_seconds()) for a, b in zip(lst, lst[1:], strict=False)
             )
         overhead = (held - compute + gaps) / compute
+        write = sum(sg.timings["write"] for sg in segs)
     finally:
         if workers is not None:
             os.killpg(workers.pid, signal.SIGTERM)
@@ -131,6 +137,10 @@ def main() -> None:
         f"| `fervid submit` to {args.workers} CPU workers | {len(jobs)} | {len(segs)} | {frames} | {cluster:.1f} | "
         f"{len(jobs) / cluster * 3600:.0f} | {frames / cluster:.1f} | {overhead:.1%} |"
     )
+    n = len(segs)
+    print(f"\nPer segment: compute {compute / n:.2f} s; write and finish (one transaction) {write / n * 1000:.0f} ms; "
+          f"claim, lease and the rest {(held - compute - write) / n * 1000:.0f} ms; wait for the next segment "
+          f"{gaps / max(n - len(by_worker), 1) * 1000:.0f} ms")
 
 
 if __name__ == "__main__":
