@@ -331,3 +331,20 @@ def test_the_lease_is_renewed_while_the_segment_runs_and_lost_when_taken(session
         assert lease.lost.wait(5)
     finally:
         lease.stop()
+
+
+def test_a_worker_waits_for_a_database_that_is_not_up_yet():
+    """A worker started before its database (a deploy, a restart) retries with backoff instead of failing the
+    message it holds; after the policy's time it gives up with a one-line reason."""
+    import socket
+
+    from worker.db import DatabaseUnavailable, open_database_waiting
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    t0 = time.monotonic()
+    with pytest.raises(DatabaseUnavailable, match="is unreachable"):
+        open_database_waiting(dataclasses.replace(QueuePolicy(), db_retry_s=2.0),
+                              f"postgresql+psycopg://postgres@127.0.0.1:{port}/x")  # fmt: skip
+    assert 1.5 <= time.monotonic() - t0 < 30

@@ -157,7 +157,23 @@ def migrate(engine: Engine) -> None:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except OperationalError as e:
-        raise FervidError(f"database {display_url(str(engine.url))} is unreachable: {e.orig}") from None
+        reason = str(e.orig).strip().splitlines()[0] if str(e.orig).strip() else type(e.orig).__name__
+        raise DatabaseUnavailable(f"database {display_url(str(engine.url))} is unreachable: {reason}") from None
+
+
+def open_database_waiting(policy: QueuePolicy, url: str | None = None) -> sessionmaker:
+    """open_database for workers: a database that is not up yet (a restart, a deploy) is waited for, with the
+    retry policy's backoff, instead of failing the message at hand."""
+    delays = retry_delays(policy)
+    while True:
+        try:
+            return open_database(url)
+        except DatabaseUnavailable as e:
+            delay = next(delays, None)
+            if delay is None:
+                raise
+            log.warning("%s; retrying in %.1f s", e, delay)
+            time.sleep(delay)
 
 
 def open_database(url: str | None = None) -> sessionmaker:

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from worker.jobs import ACTIVE, _aware, _lock_job, _now, _segment, finish_job, record_death
@@ -173,7 +174,12 @@ def sweep(sessions: sessionmaker, policy: QueuePolicy, send: Send, broker: Redis
     finished = finish_stuck(sessions)
     todo += unsent(sessions, policy)
     if broker is not None:
-        todo += lost_messages(sessions, policy, broker)
+        try:
+            todo += lost_messages(sessions, policy, broker)
+        except Exception as e:  # noqa: BLE001 - Redis away: the rest of the sweep still counts
+            if isinstance(e, SQLAlchemyError):
+                raise
+            log.warning("could not look for lost messages: %s", str(e).splitlines()[0] if str(e) else type(e))
     by_job: dict[tuple[int, int], set[int]] = defaultdict(set)
     for job_id, run, idx in todo:
         by_job[(job_id, run)].add(idx)
@@ -202,7 +208,8 @@ class Sweeper(threading.Thread):
             try:
                 self.sweep_once()
             except Exception as e:  # noqa: BLE001
-                self._db_ok_since = None
+                if isinstance(e, SQLAlchemyError):
+                    self._db_ok_since = None  # the leases' owners could not renew them either
                 log.warning("sweep skipped: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     def sweep_once(self) -> dict[str, int] | None:

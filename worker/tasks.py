@@ -16,7 +16,7 @@ from celery import Task
 
 from model.errors import FervidError
 from worker.celery_app import app
-from worker.db import open_database
+from worker.db import open_database_waiting
 from worker.jobs import Claim, mark_enqueued, run_segment
 from worker.media import media_roots
 from worker.settings import QueuePolicy
@@ -33,7 +33,7 @@ def _hand_back_on_sigterm(_signum: int, _frame: object) -> None:
 
 @functools.cache
 def sessions():  # noqa: ANN201
-    return open_database()
+    return open_database_waiting(POLICY)
 
 
 @functools.lru_cache(maxsize=2)
