@@ -139,7 +139,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         summary = summarize(df)
         top = sorted(summary["emotion_share"].items(), key=lambda kv: -kv[1])
         share = ", ".join(f"{e} {v:.0%}" for e, v in top if v >= 0.005) or "no faces"
-        print(f"{video}: job {job.id} done in {job.timings['total']:.1f} s")
+        print(f"{video}: job {job.id} done in {job.timings.get('wall', job.timings['total']):.1f} s")
         print(f"  duration {job.duration_s or 0:.1f} s, {summary['frames_analyzed']} frames analysed "
               f"({summary['frames_with_faces']} with faces), {summary['faces_found']} faces, "
               f"{df['track'].nunique()} tracks")  # fmt: skip
