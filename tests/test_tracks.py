@@ -52,3 +52,39 @@ def test_far_jump_is_another_person():
     tr = Tracker()
     tr.update(0.0, *frame(face(100, 100)))
     assert tr.update(200.0, *frame(face(600, 300))) == [1]
+
+
+def test_tracks_stored_a_page_at_a_time_match_one_pass(tmp_path):
+    """assign_tracks reads a job's faces in pages; a frame cut by a page boundary must be linked as a whole."""
+    from sqlalchemy import select
+
+    from worker.db import open_database
+    from worker.schema import Face, Job
+    from worker.tracks import assign_tracks
+
+    sessions = open_database(f"sqlite:///{tmp_path / 't.db'}")
+    with sessions.begin() as s:
+        job = Job(job_key="k", path="x", size_bytes=1, sha256="0" * 64, sample_fps=5, model="m", model_sha256="-",
+                  detector="-")  # fmt: skip
+        s.add(job)
+        s.flush()
+        for i in range(30):  # three people walking, listed in a different order each frame
+            people = [face(100 + 5 * i, 200), face(400, 100 + 4 * i), face(700 - 6 * i, 400)]
+            for k, p in enumerate(people[i % 3 :] + people[: i % 3]):
+                box, lms = p
+                s.add(Face(job_id=job.id, frame_index=i, face=k, time_ms=i * 200.0, x1=box[0], y1=box[1], x2=box[2],
+                           y2=box[3], det_score=0.99, landmarks=lms.tolist(), angry=0, disgust=0, fear=0, happy=1,
+                           sad=0, surprise=0, neutral=0, emotion="happy"))  # fmt: skip
+        job_id = job.id
+
+    def tracks(chunk: int) -> list:
+        with sessions.begin() as s:
+            n = assign_tracks(s, job_id, chunk=chunk)
+        with sessions() as s:
+            q = select(Face.frame_index, Face.face, Face.track).order_by(Face.frame_index, Face.face)
+            return n, s.execute(q).all()
+
+    whole = tracks(10_000)
+    assert whole[0] == 3
+    for chunk in (4, 5, 7):  # pages end inside frames
+        assert tracks(chunk) == whole
