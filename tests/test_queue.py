@@ -581,10 +581,11 @@ def test_a_stopping_worker_hands_its_segment_back(cluster, tmp_path):
     assert stopped < 10
 
 
-CHAOS_WORKLOAD = [  # (clip, fps, segment seconds): about 2,700 frames in 22 segments
+CHAOS_WORKLOAD = [  # (clip, fps, segment seconds): about 3,400 frames in 27 segments
     ("pyfeat_WolfgangLanger_Pexels.mp4", "0", "4"),
     ("liveportrait_d6.mp4", "15", "5"),
     ("liveportrait_d6.mp4", "0", "6"),
+    ("liveportrait_d6.mp4", "20", "8"),
     ("pyfeat_noface_face.mov", "10", "2"),
     ("liveportrait_d0.mp4", "0", "60"),
     ("pyfeat_single_face.mp4", "0", "60"),
@@ -594,8 +595,10 @@ CHAOS_WORKLOAD = [  # (clip, fps, segment seconds): about 2,700 frames in 22 seg
 def test_chaos_every_job_ends_done_with_the_rows_of_a_clean_run(tmp_path, pg_url):
     """Two real workers, Redis with append-only persistence, PostgreSQL behind a proxy, the product's default
     timeouts, and one of each fault: a pool child killed, a worker's main process killed, PostgreSQL cut for 30 s,
-    Redis restarted, a whole worker tree killed, a worker stopped as `docker stop` does. Every job must end done
-    within 3 minutes of the last fault, with exactly the rows of a clean in-process run, without any command."""
+    Redis restarted, a whole worker tree killed, a worker stopped as `docker stop` does, a pool child frozen for
+    90 s (its lease runs out, its segment is redone elsewhere, and what it computed is dropped when it wakes). Every
+    job must end done within 3 minutes of the last fault, with exactly the rows of a clean in-process run, without
+    any command."""
     (tmp_path / "redis").mkdir()
     redis = RedisServer(tmp_path / "redis")
     proxy = TcpProxy()
@@ -653,6 +656,14 @@ def test_chaos_every_job_ends_done_with_the_rows_of_a_clean_run(tmp_path, pg_url
             os.killpg(other.pid, signal.SIGKILL)
             log(f"stopped worker {other.pid}: still there after 10 s, killed")
         trees.append(c.start_workers(1))
+
+        seg = running_segment(c.sessions, ids, not_owned_by={child})
+        frozen, frozen_seg = pid_of(seg.lease_owner), (seg.job_id, seg.idx)
+        os.kill(frozen, signal.SIGSTOP)  # hung (a stalled disk, a debugger): alive, but its lease is not renewed
+        log(f"froze pool child {frozen} (job {seg.job_id} segment {seg.idx})")
+        time.sleep(90)
+        os.kill(frozen, signal.SIGCONT)
+        log(f"thawed pool child {frozen}")
         last_fault = time.time()
 
         jobs = c.wait(ids, timeout=180)
@@ -663,7 +674,9 @@ def test_chaos_every_job_ends_done_with_the_rows_of_a_clean_run(tmp_path, pg_url
         with c.sessions() as s:
             assert s.scalar(select(func.count()).select_from(Segment).where(Segment.status != "done")) == 0
             deaths = s.scalar(select(func.sum(Segment.deaths)))
-        assert deaths >= 2, faults  # the killed child, and the killed tree, at least
+            thawed = s.get(Segment, frozen_seg)
+        assert deaths >= 3, faults  # the killed child, the killed tree and the frozen child, at least
+        assert thawed.deaths >= 1 and thawed.attempts >= 2 and pid_of(thawed.worker) != frozen  # redone elsewhere
         for (clip, fps, seg), job_id in zip(CHAOS_WORKLOAD, ids, strict=True):
             want = reference_rows(tmp_path, shared_path("videos", clip), Settings(sample_fps=float(fps)), float(seg))
             assert_same_rows(rows_of(c.sessions, job_id), want)
