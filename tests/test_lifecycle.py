@@ -348,3 +348,17 @@ def test_a_worker_waits_for_a_database_that_is_not_up_yet():
         open_database_waiting(dataclasses.replace(QueuePolicy(), db_retry_s=2.0),
                               f"postgresql+psycopg://postgres@127.0.0.1:{port}/x")  # fmt: skip
     assert 1.5 <= time.monotonic() - t0 < 30
+
+
+def test_a_worker_without_media_roots_refuses_to_start():
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "FERVID_MEDIA_ROOTS"}
+    proc = subprocess.run([sys.executable, "-m", "fervid.cli", "worker", "--gpus", "none"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "FERVID_MEDIA_ROOTS is not set" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -103,6 +103,9 @@ def _start_sweeper():  # noqa: ANN202
 
 
 def run(gpus: str | None, concurrency: int, loglevel: str = "INFO") -> int:
+    from worker.media import media_roots
+
+    media_roots()  # a worker that may read no video would fail every segment it takes: refuse to start instead
     specs = worker_commands(gpus, concurrency, loglevel)
     procs = {name: _start(name, env, loglevel) for name, env in specs}
     envs = dict(specs)
