@@ -11,13 +11,12 @@ from model.errors import FervidError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, train
+    from dataclasses import fields
 
-    cfg = TrainConfig(
-        arch=args.arch, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
-        device=args.device, amp=args.amp, limit=args.limit,
-    )  # fmt: skip
+    from training.config import TrainConfig
+    from training.train import train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     train(cfg, resume=args.resume)
     return 0
 
@@ -405,18 +404,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train an emotion model on FER2013")
-    t.add_argument("--arch", required=True, help="architecture: seed or small")
+    from training.config import default as train_default
+
+    t.add_argument("--arch", required=True, help="architecture (`fervid models` lists them)")
     t.add_argument("--data", required=True, help="fer2013 .npz / .npz.xz, Kaggle fer2013.csv, or image folder")
     t.add_argument("--out", required=True, help="run folder: checkpoints, log, exported weights")
-    t.add_argument("--epochs", type=int, default=60)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--label-smoothing", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    t.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast")
-    t.add_argument("--limit", type=int, default=0, help="use only the first N images of each split")
+    t.add_argument("--epochs", type=int, default=train_default("epochs"))
+    t.add_argument("--batch-size", type=int, default=train_default("batch_size"))
+    t.add_argument("--lr", type=float, default=train_default("lr"), help="peak learning rate of the one-cycle schedule")
+    t.add_argument("--weight-decay", type=float, default=train_default("weight_decay"))
+    t.add_argument("--label-smoothing", type=float, default=train_default("label_smoothing"))
+    t.add_argument("--soft-targets", type=float, default=train_default("soft_targets"), metavar="W",
+                   help="weight of the FER+ crowd's vote distribution in the target (npz data; 0 = off)")
+    t.add_argument("--ema", type=float, default=train_default("ema"), metavar="DECAY",
+                   help="evaluate and export an exponential moving average of the weights (e.g. 0.999; 0 = off)")
+    t.add_argument("--seed", type=int, default=train_default("seed"))
+    t.add_argument("--device", default=train_default("device"), help="cpu, cuda, cuda:N or auto")
+    t.add_argument("--amp", choices=["auto", "on", "off"], default=train_default("amp"),
+                   help="bf16 autocast (auto: where the hardware has native bf16)")
+    t.add_argument("--limit", type=int, default=train_default("limit"),
+                   help="use only the first N images of each split")  # fmt: skip
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.set_defaults(func=_cmd_train)
 

@@ -6,13 +6,14 @@ from collections.abc import Callable
 
 from torch import nn
 
-from model.architectures import SeedCNN, SmallCNN
+from model.architectures import MediumCNN, SeedCNN, SmallCNN
 from model.config import ModelConfig
 from model.errors import FervidError
 
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "seed": SeedCNN,
     "small": SmallCNN,
+    "medium": MediumCNN,
 }
 
 

@@ -15,11 +15,12 @@ from model.weights import read_metadata
 from tests.conftest import ROOT, run_cli
 
 
-@pytest.mark.parametrize("arch", ["small", "seed"])
-def test_one_epoch_smoke_training(arch, fer_npz, tmp_path):
+@pytest.mark.parametrize("arch, extra", [("small", []), ("seed", []),
+                                         ("medium", ["--soft-targets", "0.5", "--ema", "0.99"])])  # fmt: skip
+def test_one_epoch_smoke_training(arch, extra, fer_npz, tmp_path):
     out = tmp_path / arch
     run_cli("train", "--arch", arch, "--data", str(fer_npz), "--out", str(out),
-            "--epochs", "1", "--limit", "256", "--batch-size", "64", check=True)  # fmt: skip
+            "--epochs", "1", "--limit", "256", "--batch-size", "64", *extra, check=True)  # fmt: skip
     assert (out / "last.pt").is_file() and (out / "train.log").is_file()
     meta = read_metadata(out / "model.safetensors")
     assert meta["config"].architecture == arch
@@ -38,16 +39,17 @@ def test_existing_run_needs_resume(fer_npz, tmp_path):
     assert proc.returncode == 2 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _train_args(fer_npz, out):
+def _train_args(fer_npz, out, extra=()):
     return ["train", "--arch", "small", "--data", str(fer_npz), "--out", str(out),
-            "--epochs", "3", "--limit", "1500", "--batch-size", "64"]  # fmt: skip
+            "--epochs", "3", "--limit", "1500", "--batch-size", "64", *extra]  # fmt: skip
 
 
-def test_resume_after_kill_matches_uninterrupted_run(fer_npz, tmp_path):
-    run_cli(*_train_args(fer_npz, tmp_path / "full"), check=True)
+@pytest.mark.parametrize("extra", [(), ("--soft-targets", "0.5", "--ema", "0.99")], ids=["plain", "soft-ema"])
+def test_resume_after_kill_matches_uninterrupted_run(extra, fer_npz, tmp_path):
+    run_cli(*_train_args(fer_npz, tmp_path / "full", extra), check=True)
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "fervid.cli", *_train_args(fer_npz, cut)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "fervid.cli", *_train_args(fer_npz, cut, extra)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     log = cut / "train.log"
     deadline = time.time() + 300
@@ -57,7 +59,7 @@ def test_resume_after_kill_matches_uninterrupted_run(fer_npz, tmp_path):
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (cut / "model.safetensors").exists()
 
-    resumed = run_cli(*_train_args(fer_npz, cut), "--resume", check=True)
+    resumed = run_cli(*_train_args(fer_npz, cut, extra), "--resume", check=True)
     assert "epoch 1/3" not in resumed.stderr + resumed.stdout  # epoch 1 is not trained again
     assert "resumed from" in log.read_text()
     full, again = load_file(tmp_path / "full" / "model.safetensors"), load_file(cut / "model.safetensors")
@@ -66,7 +68,41 @@ def test_resume_after_kill_matches_uninterrupted_run(fer_npz, tmp_path):
         assert torch.equal(full[k], again[k]), k
     hist = torch.load(cut / "last.pt", weights_only=False)["history"]
     assert [h["epoch"] for h in hist] == [1, 2, 3]
-    assert json.loads(json.dumps(hist))  # history is plain data
+    assert json.loads(json.dumps(hist)) == hist  # history is plain data
+
+
+def test_a_checkpoint_from_before_new_settings_still_resumes(fer_npz, tmp_path):
+    """A run started before a training setting existed (the seed run carried across sessions) resumes: the
+    missing setting counts as its default."""
+    args = ["train", "--arch", "small", "--data", str(fer_npz), "--out", str(tmp_path), "--epochs", "1",
+            "--limit", "128", "--batch-size", "64"]  # fmt: skip
+    run_cli(*args, check=True)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    for key in ("soft_targets", "ema"):
+        del ckpt["config"][key]
+    torch.save(ckpt, tmp_path / "last.pt")
+    assert run_cli(*args, "--resume", check=True).returncode == 0
+    proc = run_cli(*args, "--resume", "--ema", "0.99")  # but a different setting is still refused
+    assert proc.returncode == 2 and "other settings" in proc.stderr
+
+
+def test_soft_targets_mix_the_ferplus_votes():
+    from training.config import TrainConfig
+    from training.data import ferplus_distribution
+    from training.train import _soft_target
+
+    votes = torch.zeros(3, 10, dtype=torch.int64)
+    votes[0, 1] = 8  # happiness
+    votes[0, 0] = 2  # neutral
+    votes[1, 7] = 10  # contempt only: no distribution over the 7 classes
+    votes[2, 4] = 5  # anger, but the row is not valid
+    dist, has = ferplus_distribution(votes.numpy(), [True, True, False])
+    assert has.tolist() == [True, False, False]
+    assert abs(dist[0][3] - 0.8) < 1e-6 and abs(dist[0][6] - 0.2) < 1e-6  # Happy, Neutral in FER2013's order
+    cfg = TrainConfig(arch="small", data="-", out="-", soft_targets=0.5, label_smoothing=0.0)
+    t = _soft_target(torch.tensor([3, 0, 2]), (torch.from_numpy(dist), torch.from_numpy(has)), torch.arange(3), cfg)
+    assert torch.allclose(t[0], torch.tensor([0, 0, 0, 0.9, 0, 0, 0.1]))
+    assert torch.equal(t[1], torch.eye(7)[0]) and torch.equal(t[2], torch.eye(7)[2])
 
 
 def test_fast_settings_follow_the_cpu(monkeypatch):

@@ -21,6 +21,25 @@ from model.errors import FervidError
 
 SPLITS = ("Training", "PublicTest", "PrivateTest")
 SIZE = 48
+FERPLUS_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt", "unknown",
+                   "NF")  # fmt: skip
+FERPLUS_TO_FER = {"neutral": "Neutral", "happiness": "Happy", "surprise": "Surprise", "sadness": "Sad",
+                  "anger": "Angry", "disgust": "Disgust", "fear": "Fear"}  # fmt: skip
+
+
+def ferplus_distribution(votes: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The FER+ crowd's votes as a distribution over FER2013's 7 classes ([N, 7] float32), and which rows have
+    one (a valid FER+ entry with at least one vote for one of the 7 emotions; contempt, unknown and NF votes are
+    left out). Ten annotators per face: the distribution says how ambiguous the face is."""
+    dist = np.zeros((len(votes), len(CLASSES)), np.float32)
+    for col, name in enumerate(FERPLUS_COLUMNS):
+        if name in FERPLUS_TO_FER:
+            dist[:, CLASSES.index(FERPLUS_TO_FER[name])] = votes[:, col]
+    total = dist.sum(1)
+    has = np.asarray(valid, dtype=bool) & (total > 0)
+    dist[has] /= total[has, None]
+    dist[~has] = 0
+    return dist, has
 
 
 @dataclass

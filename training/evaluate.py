@@ -9,13 +9,9 @@ import torch
 
 from model.config import CLASSES
 from model.loader import EmotionClassifier
-from training.data import load_fer2013
+from training.data import FERPLUS_COLUMNS, FERPLUS_TO_FER, load_fer2013
 
 # FER+ vote columns, in the npz's order, and the FER2013 class each of the first seven is.
-FERPLUS_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt", "unknown",
-                   "NF")  # fmt: skip
-FERPLUS_TO_FER = {"neutral": "Neutral", "happiness": "Happy", "surprise": "Surprise", "sadness": "Sad",
-                  "anger": "Angry", "disgust": "Disgust", "fear": "Fear"}  # fmt: skip
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:

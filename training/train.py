@@ -12,12 +12,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model.device import cpu_features, resolve_device
@@ -26,25 +27,10 @@ from model.predict import normalize, predict_proba
 from model.registry import create_model
 from model.weights import save_weights
 from training.augment import augment
-from training.data import load_fer2013
+from training.config import TrainConfig
+from training.data import ferplus_distribution, load_fer2013
 
 log = logging.getLogger("fervid.train")
-
-
-@dataclass
-class TrainConfig:
-    arch: str
-    data: str
-    out: str
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # bf16 autocast: auto = on CUDA and on CPUs with native bf16
-    limit: int = 0  # use only the first N rows of each split (smoke tests)
 
 
 def resolve_amp(amp: str, device: torch.device) -> bool:
@@ -85,6 +71,16 @@ def _accuracy(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, amp:
     return float((predict_proba(net, torch.from_numpy(images), amp=amp).argmax(1).numpy() == labels).mean())
 
 
+def _soft_target(y: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor,
+                 cfg: TrainConfig) -> torch.Tensor:  # fmt: skip
+    """FER2013's label (smoothed), mixed with the FER+ vote distribution where the face has one."""
+    dist, has = soft[0][idx], soft[1][idx]
+    n_cls = dist.shape[1]
+    hard = F.one_hot(y, n_cls).float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / n_cls
+    w = cfg.soft_targets * has.float().unsqueeze(1)
+    return hard * (1 - w) + dist * w
+
+
 def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) -> Path:
     """Train `cfg.arch`; returns the path of the exported best weights (`<out>/model.safetensors`)."""
     out = Path(cfg.out)
@@ -106,6 +102,15 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
         x_train, y_train, x_val, y_val = x_train[:n], y_train[:n], x_val[:n], y_val[:n]
     if len(x_train) < cfg.batch_size:
         raise FervidError(f"{cfg.data}: {len(x_train)} training images, fewer than one batch of {cfg.batch_size}")
+    soft = None
+    if cfg.soft_targets:
+        if data.ferplus_votes is None:
+            raise FervidError(f"{cfg.data}: --soft-targets needs the FER+ votes, which only the .npz layout carries")
+        mask = data.split_mask("Training")
+        dist, has = ferplus_distribution(data.ferplus_votes[mask], data.ferplus_valid[mask])
+        if cfg.limit:
+            dist, has = dist[: cfg.limit], has[: cfg.limit]
+        soft = (torch.from_numpy(dist).to(device), torch.from_numpy(has).to(device))
     x_train = torch.from_numpy(x_train).unsqueeze(1).to(device)
     y_train = torch.from_numpy(y_train).to(device)
 
@@ -122,6 +127,8 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15
     )
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    judged = (lambda: ema.module) if ema is not None else (lambda: net)  # noqa: E731 - what is evaluated and kept
 
     ckpt_path = out / "last.pt"
     start_epoch, best_acc, history = 0, -1.0, []
@@ -129,13 +136,16 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
         raise FervidError(f"{ckpt_path}: a run is already there; pass --resume to continue it or use another --out")
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        diff = {k: (ckpt["config"].get(k), v) for k, v in asdict(cfg).items()
-                if k not in ("device", "out") and ckpt["config"].get(k) != v}  # fmt: skip
+        defaults = asdict(TrainConfig(arch=cfg.arch, data=cfg.data, out=cfg.out))  # settings added since: defaults
+        diff = {k: (ckpt["config"].get(k, defaults[k]), v) for k, v in asdict(cfg).items()
+                if k not in ("device", "out") and ckpt["config"].get(k, defaults[k]) != v}  # fmt: skip
         if diff:
             raise FervidError(f"{ckpt_path}: checkpoint was made with other settings (was, now): {diff}")
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         start_epoch, best_acc, history = ckpt["epoch"], ckpt["best_acc"], ckpt["history"]
         log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
     else:
@@ -161,19 +171,24 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
             y = y_train[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if soft is None:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            else:
+                loss = F.cross_entropy(logits.float(), _soft_target(y, soft, idx, cfg))
             if hasattr(net, "regularization_loss"):
                 loss = loss + net.regularization_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(net)
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
             if step % 20 == 0:
                 n = (step + 1) * cfg.batch_size
                 bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}", acc=f"{correct.item() / n:.3f}")
-        val_acc = _accuracy(net, x_val, y_val, amp)
+        val_acc = _accuracy(judged(), x_val, y_val, amp)
         rec = {
             "epoch": epoch + 1,
             "loss": loss_sum.item() / steps_per_epoch,
@@ -185,12 +200,12 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
         history.append(rec)
         if val_acc > best_acc:
             best_acc = float(val_acc)
-            _save_atomic(net.state_dict(), out / "best.pt")
-        _save_atomic(
-            {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch + 1, "best_acc": best_acc, "history": history, "config": asdict(cfg)},
-            ckpt_path,
-        )  # fmt: skip
+            _save_atomic(judged().state_dict(), out / "best.pt")
+        state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "epoch": epoch + 1, "best_acc": best_acc, "history": history, "config": asdict(cfg)}  # fmt: skip
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        _save_atomic(state, ckpt_path)
         msg = (f"epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} train {rec['train_acc']:.4f} "
                f"PublicTest {val_acc:.4f} (best {best_acc:.4f}) {rec['seconds']:.0f}s")  # fmt: skip
         log.info(msg)

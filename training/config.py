@@ -1,0 +1,29 @@
+"""Every training setting and its default, in one block (`fervid train` reads its options' defaults here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class TrainConfig:
+    arch: str
+    data: str
+    out: str
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    # Weight of the FER+ crowd's vote distribution in the target (0: FER2013's labels alone). FER2013's labels are
+    # one annotator's; the ten FER+ votes per face say how ambiguous it is.
+    soft_targets: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and exported (0: off)
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # bf16 autocast: auto = on CUDA and on CPUs with native bf16
+    limit: int = 0  # use only the first N rows of each split (smoke tests)
+
+
+def default(field_name: str) -> object:
+    return next(f.default for f in fields(TrainConfig) if f.name == field_name)
