@@ -47,13 +47,19 @@ def test_weights_for_another_architecture(small_file, tmp_path):
     assert str(liar) in str(e.value)
 
 
-def test_checksum_mismatch_of_shipped_weights(small_file, tmp_path, monkeypatch):
+def _ship(small_file, tmp_path, monkeypatch):
+    """A copy of small's weights registered in a weights folder of the test's own, which the loader then reads."""
     _, path = small_file
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     shutil.copy(path, shipped / "small.safetensors")
     register_weights("small", shipped / "small.safetensors")
     monkeypatch.setattr(weights, "WEIGHTS_DIR", shipped)
+    return shipped
+
+
+def test_checksum_mismatch_of_shipped_weights(small_file, tmp_path, monkeypatch):
+    shipped = _ship(small_file, tmp_path, monkeypatch)
     assert load_model("small").sha256 == weights.sha256_file(shipped / "small.safetensors")
     assert [r for r in list_models() if r["name"] == "small"][0]["weights"] == str(shipped / "small.safetensors")
     data = bytearray((shipped / "small.safetensors").read_bytes())
@@ -76,12 +82,7 @@ def test_unknown_model_name():
 
 
 def test_measured_eval_follows_the_weights(small_file, tmp_path, monkeypatch):
-    _, path = small_file
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    shutil.copy(path, shipped / "small.safetensors")
-    register_weights("small", shipped / "small.safetensors")
-    monkeypatch.setattr(weights, "WEIGHTS_DIR", shipped)
+    shipped = _ship(small_file, tmp_path, monkeypatch)
     sha = weights.sha256_file(shipped / "small.safetensors")
     with pytest.raises(FervidError, match="sha256 differs"):
         weights.record_eval("small", {"weights_sha256": "f" * 64})
