@@ -14,13 +14,14 @@ from training.evaluate import evaluate, ferplus_majority_labels
 from worker.settings import Settings
 
 
-def test_shipped_small_scores_on_private_test(fer_npz, tmp_path):
+@pytest.mark.parametrize("name, floor", [("small", 0.68), ("medium", 0.68)])
+def test_shipped_model_scores_on_private_test(name, floor, fer_npz, tmp_path):
     png = tmp_path / "cm.png"
-    proc = run_cli("eval", "--model", "small", "--data", str(fer_npz), "--split", "PrivateTest", "--json",
+    proc = run_cli("eval", "--model", name, "--data", str(fer_npz), "--split", "PrivateTest", "--json",
                    "--tta", "all", "--confusion", str(png), check=True)  # fmt: skip
     report = json.loads(proc.stdout)
-    assert report["model"] == "small" and report["split"] == "PrivateTest" and report["n"] == 3589
-    assert report["accuracy"] >= 0.64
+    assert report["model"] == name and report["split"] == "PrivateTest" and report["n"] == 3589
+    assert report["accuracy"] >= floor
     assert report["tta_accuracy"]["flip"] >= report["accuracy"] - 0.01
     assert set(report["per_class"]) == {"Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"}
     assert all({"precision", "recall", "f1", "support"} <= set(m) for m in report["per_class"].values())
@@ -28,14 +29,14 @@ def test_shipped_small_scores_on_private_test(fer_npz, tmp_path):
     assert len(cm) == 7 and sum(map(sum, cm)) == 3589
     assert png.read_bytes()[:4] == b"\x89PNG"
     # The committed report beside the weights says the same.
-    committed = json.loads((ROOT / "model" / "weights" / "small.PrivateTest.json").read_text())
+    committed = json.loads((ROOT / "model" / "weights" / f"{name}.PrivateTest.json").read_text())
     assert committed["accuracy"] == report["accuracy"]
     assert committed["tta_accuracy"] == report["tta_accuracy"]
     assert committed["ferplus_majority"] == report["ferplus_majority"]
     # `fervid models` lists the numbers `fervid eval` prints, read from the manifest (not recomputed).
     fp = report["ferplus_majority"]
     assert 3000 < fp["n"] < 3589 and set(fp["tta_accuracy"]) == {"flip", "tencrop"}
-    listed = {r["name"]: r for r in json.loads(run_cli("models", "--json", check=True).stdout)}["small"]
+    listed = {r["name"]: r for r in json.loads(run_cli("models", "--json", check=True).stdout)}[name]
     ev = listed["eval"]
     assert ev["weights_sha256"] == report["weights_sha256"] == listed["sha256"]
     assert listed["accuracy"]["PrivateTest"] == report["accuracy"]
