@@ -82,6 +82,9 @@ def test_a_checkpoint_from_before_new_settings_still_resumes(fer_npz, tmp_path):
         del ckpt["config"][key]
     torch.save(ckpt, tmp_path / "last.pt")
     assert run_cli(*args, "--resume", check=True).returncode == 0
+    (tmp_path / "best.pt").unlink()  # the checkpoint carried alone, as across sessions
+    assert run_cli(*args, "--resume", check=True).returncode == 0
+    assert read_metadata(tmp_path / "model.safetensors")["accuracy"]["PublicTest"] >= 0
     proc = run_cli(*args, "--resume", "--ema", "0.99")  # but a different setting is still refused
     assert proc.returncode == 2 and "other settings" in proc.stderr
 

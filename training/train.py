@@ -147,6 +147,9 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         start_epoch, best_acc, history = ckpt["epoch"], ckpt["best_acc"], ckpt["history"]
+        if not (out / "best.pt").exists():  # a checkpoint carried alone to another machine: best starts anew
+            best_acc = -1.0
+            log.info("no best.pt beside %s: the best epoch is chosen among the epochs still to run", ckpt_path)
         log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
     else:
         log.info("start %s on %s (amp=%s): %s", cfg.arch, device, amp, json.dumps(asdict(cfg)))
@@ -211,6 +214,9 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
         log.info(msg)
         tqdm.write(msg)
 
+    if not (out / "best.pt").exists():  # resumed without best.pt, and no epoch was left to run
+        best_acc = _accuracy(judged(), x_val, y_val, amp)
+        _save_atomic(judged().state_dict(), out / "best.pt")
     net.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=True))
     accuracy = {"PublicTest": best_acc}
     if data.has_split("PrivateTest"):
