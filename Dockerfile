@@ -19,5 +19,5 @@ RUN pip install --no-cache-dir .
 # where the cache could not be written (load_retinaface() only warns, and every start would convert again).
 ENV FERVID_CACHE_DIR=/home/fervid/.cache/fervid
 USER fervid
-RUN python -c "from model.retinaface import cache_path, load_retinaface; load_retinaface('cpu'); \
+RUN python -c "from fervid.model.retinaface import cache_path, load_retinaface; load_retinaface('cpu'); \
 assert cache_path().is_file(), cache_path()"

@@ -8,6 +8,6 @@
 Each function takes `db=` (a SQLAlchemy URL); the default is FERVID_DATABASE_URL, else the embedded SQLite file.
 """
 
-from worker.query import annotate_video, plot, smooth, summary, timeline
+from fervid.worker.query import annotate_video, plot, smooth, summary, timeline
 
 __all__ = ["annotate_video", "plot", "smooth", "summary", "timeline"]

@@ -6,15 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from model.config import DEFAULT_MODEL
-from model.errors import FervidError
+from fervid.errors import FervidError
+from fervid.model.config import DEFAULT_MODEL
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from training.config import TrainConfig
-    from training.train import train
+    from fervid.training.config import TrainConfig
+    from fervid.training.train import train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     train(cfg, resume=args.resume)
@@ -24,8 +24,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from model.loader import load_model
-    from training.evaluate import evaluate, plot_confusion
+    from fervid.model.loader import load_model
+    from fervid.training.evaluate import evaluate, plot_confusion
 
     clf = load_model(args.model, device=_device(args.device))
     tta = ("flip", "tencrop") if args.tta == "all" else (() if args.tta == "none" else (args.tta,))
@@ -54,7 +54,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_models(args: argparse.Namespace) -> int:
     import json
 
-    from model.loader import list_models
+    from fervid.model.loader import list_models
 
     rows = list_models()
     if args.json:
@@ -102,11 +102,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from worker import query
-    from worker.db import database_url, display_url, open_database
-    from worker.export import summarize, write_csv, write_json
-    from worker.jobs import analyze_video
-    from worker.pipeline import Analyzer
+    from fervid.worker import query
+    from fervid.worker.db import database_url, display_url, open_database
+    from fervid.worker.export import summarize, write_csv, write_json
+    from fervid.worker.jobs import analyze_video
+    from fervid.worker.pipeline import Analyzer
 
     settings = _settings(args)
     url = database_url(args.db)
@@ -168,8 +168,8 @@ def _note(df: object) -> None:
 
 
 def _cmd_timeline(args: argparse.Namespace) -> int:
-    from worker import query
-    from worker.export import ROUNDING
+    from fervid.worker import query
+    from fervid.worker.export import ROUNDING
 
     df = query.timeline(args.job, track=args.track, start_s=args.start, end_s=args.end, smooth_s=args.smooth,
                         smooth_method=args.smooth_method, db=args.db)  # fmt: skip
@@ -203,7 +203,7 @@ def _write(text: str, out: str | None) -> None:
 def _cmd_summary(args: argparse.Namespace) -> int:
     import json
 
-    from worker import query
+    from fervid.worker import query
 
     summ = query.summary(args.job, db=args.db, window_s=args.window)
     if summ["partial"]:
@@ -243,7 +243,7 @@ def _mmss(seconds: float) -> str:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from worker import query
+    from fervid.worker import query
 
     if not args.out and not args.annotate_video:
         raise FervidError("give --out FILE.png and/or --annotate-video OUT.mp4")
@@ -259,7 +259,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace):  # noqa: ANN202
-    from worker.settings import Settings
+    from fervid.worker.settings import Settings
 
     settings = Settings(sample_fps=args.fps, start_s=args.start, end_s=args.end, model=args.model,
                         score_threshold=args.threshold, min_face=args.min_face, max_faces=args.max_faces)  # fmt: skip
@@ -270,10 +270,10 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202
 def _cmd_submit(args: argparse.Namespace) -> int:
     import time
 
-    from worker.db import open_database
-    from worker.jobs import expand_inputs, job_status, model_versions, submit
-    from worker.settings import validate_segment_s
-    from worker.tasks import send
+    from fervid.worker.db import open_database
+    from fervid.worker.jobs import expand_inputs, job_status, model_versions, submit
+    from fervid.worker.settings import validate_segment_s
+    from fervid.worker.tasks import send
 
     settings = _settings(args)
     if args.segment is not None:
@@ -330,8 +330,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from worker.db import open_database
-    from worker.jobs import job_status
+    from fervid.worker.db import open_database
+    from fervid.worker.jobs import job_status
 
     with open_database(args.db)() as s:
         rows = job_status(s, args.jobs or None, limit=args.limit)
@@ -351,9 +351,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_requeue(args: argparse.Namespace) -> int:
-    from worker.db import open_database
-    from worker.jobs import unfinished_segments
-    from worker.tasks import send
+    from fervid.worker.db import open_database
+    from fervid.worker.jobs import unfinished_segments
+    from fervid.worker.tasks import send
 
     sessions = open_database(args.db)
     with sessions() as s:
@@ -370,20 +370,20 @@ def _cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from worker.supervisor import run
+    from fervid.worker.supervisor import run
 
     return run(args.gpus, args.concurrency, args.loglevel)
 
 
 def _device(name: str) -> str:
-    from model.device import resolve_device
+    from fervid.model.device import resolve_device
 
     return str(resolve_device(name))
 
 
 def _job_options(p: argparse.ArgumentParser) -> None:
     """The analysis settings, with the defaults of worker.settings.Settings."""
-    from worker.settings import default
+    from fervid.worker.settings import default
 
     p.add_argument("--fps", type=float, default=default("sample_fps"),
                    help="frames per second of video time to analyse (0 = every frame; default %(default)s)")
@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train an emotion model on FER2013")
-    from training.config import default as train_default
+    from fervid.training.config import default as train_default
 
     t.add_argument("--arch", required=True, help="architecture (`fervid models` lists them)")
     t.add_argument("--data", required=True, help="fer2013 .npz / .npz.xz, Kaggle fer2013.csv, or image folder")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.errors import FervidError
+from fervid.errors import FervidError
 
 
 def resolve_device(name: str) -> torch.device:

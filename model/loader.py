@@ -6,15 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fervid.model import weights
+from fervid.model.config import DEFAULT_MODEL, ModelConfig
+from fervid.model.predict import normalize, predict_proba
+from fervid.model.registry import ARCHITECTURES, count_parameters, create_model
+from fervid.model.weights import load_state_dict_into, read_metadata
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from model import weights
-from model.config import DEFAULT_MODEL, ModelConfig
-from model.errors import FervidError
-from model.predict import normalize, predict_proba
-from model.registry import ARCHITECTURES, count_parameters, create_model
-from model.weights import load_state_dict_into, read_metadata, sha256_file
+from fervid.checksum import sha256_file
+from fervid.errors import FervidError
 
 
 @dataclass

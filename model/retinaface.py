@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from fervid.model.vision_ops import batched_nms
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from model.errors import FervidError
-from model.vision_ops import batched_nms
+from fervid.errors import FervidError
 
 if TYPE_CHECKING:
     import onnxruntime

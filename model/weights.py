@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from fervid.model.config import ModelConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.config import ModelConfig
-from model.errors import FervidError
+from fervid.checksum import sha256_file
+from fervid.errors import FervidError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_weights(net: nn.Module, path: Path, cfg: ModelConfig, **info: object) -> str:

@@ -25,11 +25,11 @@ import uuid
 from pathlib import Path
 
 import psycopg
+from fervid.worker.db import open_database
+from fervid.worker.schema import Job, Segment
 from sqlalchemy import select
 
 from scripts.bench_models import command_line, machine
-from worker.db import open_database
-from worker.schema import Job, Segment
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = "postgresql://postgres@127.0.0.1:5432/test"

@@ -14,10 +14,9 @@ import sys
 import time
 
 import torch
-
-from model.loader import optimize_for_inference
-from model.predict import predict_proba
-from model.registry import ARCHITECTURES, create_model
+from fervid.model.loader import optimize_for_inference
+from fervid.model.predict import predict_proba
+from fervid.model.registry import ARCHITECTURES, create_model
 
 
 def faces_per_second(net: torch.nn.Module, batch: int, device: torch.device, seconds: float) -> float:

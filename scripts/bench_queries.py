@@ -16,12 +16,12 @@ import tempfile
 import time
 
 import numpy as np
+from fervid.worker import query
+from fervid.worker.db import open_database
+from fervid.worker.schema import EMOTIONS, Face, Frame, Job
 from sqlalchemy import insert, text
 
 from scripts.bench_models import command_line
-from worker import query
-from worker.db import open_database
-from worker.schema import EMOTIONS, Face, Frame, Job
 
 TRACKS, FPS = 4, 25.0
 

@@ -14,9 +14,8 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from model.retinaface import load_retinaface
-from training.data import load_fer2013
+from fervid.model.retinaface import load_retinaface
+from fervid.training.data import load_fer2013
 
 UP, PAD = 4, 64
 

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from fervid.model import weights
+from fervid.model.device import cpu_features, cpu_name
+from fervid.model.loader import load_model
+from fervid.training.evaluate import evaluate, plot_confusion
 
-from model import weights
-from model.device import cpu_features, cpu_name
-from model.loader import load_model
 from scripts.bench_models import command_line, faces_per_second
-from training.evaluate import evaluate, plot_confusion
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FERVID_SHARED", ROOT.parent / "shared"))

@@ -6,12 +6,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fervid.model.config import CLASSES
+from fervid.training.evaluate import evaluate, ferplus_majority_labels
+from fervid.worker.settings import Settings
 
-from model.config import CLASSES
-from model.weights import sha256_file
+from fervid.checksum import sha256_file
 from tests.conftest import ROOT, run_cli
-from training.evaluate import evaluate, ferplus_majority_labels
-from worker.settings import Settings
 
 
 @pytest.mark.parametrize("name, floor", [("small", 0.68), ("medium", 0.68)])

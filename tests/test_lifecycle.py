@@ -14,24 +14,24 @@ import time
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
-
-from model.errors import FervidError
-from tests.conftest import run_cli, shared_path
-from worker import jobs as jobs_mod
-from worker.db import open_database, retry_delays, with_db_retry
-from worker.jobs import (
+from fervid.worker import jobs as jobs_mod
+from fervid.worker.db import open_database, retry_delays, with_db_retry
+from fervid.worker.jobs import (
     claim_segment,
     commit_segment,
     run_segment,
     segment_bounds,
     submit,
 )
-from worker.pipeline import Analyzer, SegmentRows, StageTimes
-from worker.schema import Face, Frame, Job, Segment
-from worker.settings import QueuePolicy, Settings
-from worker.sweeper import finish_stuck, reclaim_expired, unsent
+from fervid.worker.pipeline import Analyzer, SegmentRows, StageTimes
+from fervid.worker.schema import Face, Frame, Job, Segment
+from fervid.worker.settings import QueuePolicy, Settings
+from fervid.worker.sweeper import finish_stuck, reclaim_expired, unsent
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+
+from fervid.errors import FervidError
+from tests.conftest import run_cli, shared_path
 
 CLIP = "pyfeat_single_face.mp4"  # 2.4 s, one face: 12 frames at 5 fps; 3 segments of 1 s
 POLICY = QueuePolicy()
@@ -338,7 +338,7 @@ def test_a_worker_waits_for_a_database_that_is_not_up_yet():
     message it holds; after the policy's time it gives up with a one-line reason."""
     import socket
 
-    from worker.db import DatabaseUnavailable, open_database_waiting
+    from fervid.worker.db import DatabaseUnavailable, open_database_waiting
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

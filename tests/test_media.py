@@ -12,13 +12,13 @@ import sys
 
 import cv2
 import pytest
+from fervid.worker import media as media_mod
+from fervid.worker import video as video_mod
+from fervid.worker.media import check_media_path, is_video_container, open_media
+from fervid.worker.video import MAX_FRAME_PIXELS, FrameBatches, iter_frames, probe
 
-from model.errors import FervidError
+from fervid.errors import FervidError
 from tests.conftest import ROOT, shared_path
-from worker import media as media_mod
-from worker import video as video_mod
-from worker.media import check_media_path, is_video_container, open_media
-from worker.video import MAX_FRAME_PIXELS, FrameBatches, iter_frames, probe
 
 
 def ffmpeg(*args: str) -> None:
@@ -225,7 +225,7 @@ def huge(tmp_path_factory):
 
 REFUSE_HUGE = """
 import json, sys
-from worker.video import iter_frames, probe
+from fervid.worker.video import iter_frames, probe
 errors = []
 for call in (lambda: probe(sys.argv[1]), lambda: list(iter_frames(sys.argv[1], 5))):
     try:

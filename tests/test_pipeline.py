@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fervid.worker.db import make_engine, migrate, open_database
+from fervid.worker.export import CSV_COLUMNS
+from fervid.worker.jobs import analyze_video
+from fervid.worker.pipeline import Analyzer
+from fervid.worker.query import timeline
+from fervid.worker.schema import Face, Frame, Job
+from fervid.worker.settings import Settings
 from sqlalchemy import func, inspect, select
 
 from tests.conftest import run_cli, shared_path
-from worker.db import make_engine, migrate, open_database
-from worker.export import CSV_COLUMNS
-from worker.jobs import analyze_video
-from worker.pipeline import Analyzer
-from worker.query import timeline
-from worker.schema import Face, Frame, Job
-from worker.settings import Settings
 
 
 def ffmpeg(*args: str) -> None:
@@ -171,7 +171,7 @@ def _fails(path, sessions, analyzer, *needles: str) -> Job:
 
 
 def test_missing_file(tmp_path, sessions, analyzer):
-    from model.errors import FervidError
+    from fervid.errors import FervidError
 
     with pytest.raises(FervidError, match="file not found"):
         analyze_video(tmp_path / "nope.mp4", Settings(), sessions, analyzer)

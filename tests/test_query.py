@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from fervid.worker.db import open_database
+from fervid.worker.export import CSV_COLUMNS
+from fervid.worker.jobs import analyze_video
+from fervid.worker.pipeline import Analyzer
+from fervid.worker.schema import EMOTIONS, Face, Frame, Job
+from fervid.worker.settings import Settings
 
 from fervid import api
 from tests.conftest import run_cli, shared_path
 from tests.test_pipeline import ffmpeg
-from worker.db import open_database
-from worker.export import CSV_COLUMNS
-from worker.jobs import analyze_video
-from worker.pipeline import Analyzer
-from worker.schema import EMOTIONS, Face, Frame, Job
-from worker.settings import Settings
 
 
 @pytest.fixture(scope="module")

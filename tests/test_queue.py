@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+from fervid.worker.db import open_database
+from fervid.worker.schema import EMOTIONS, Face, Frame, Job, Segment
+from fervid.worker.settings import Settings
+from fervid.worker.supervisor import threads_per_worker
 from sqlalchemy import func, select, text
 
 from tests.conftest import ROOT, shared_path
-from worker.db import open_database
-from worker.schema import EMOTIONS, Face, Frame, Job, Segment
-from worker.settings import Settings
-from worker.supervisor import threads_per_worker
 
 pytestmark = pytest.mark.slow
 
@@ -528,7 +528,9 @@ def test_messages_of_an_older_run_are_dropped_by_workers(cluster, tmp_path):
 
 def test_submit_options_reach_the_workers(cluster):
     """--model PATH (the very file, by checksum), --min-face and --threshold are stored on the job and used."""
-    from model.weights import WEIGHTS_DIR, sha256_file
+    from fervid.model.weights import WEIGHTS_DIR
+
+    from fervid.checksum import sha256_file
 
     weights = cluster.media / "mine.safetensors"
     shutil.copy(WEIGHTS_DIR / "small.safetensors", weights)
@@ -557,9 +559,10 @@ def test_a_stopping_worker_hands_its_segment_back(cluster, tmp_path):
     counted as a death) and the worker is gone before the SIGKILL; another worker finishes the job."""
     video = shared_path("videos", "liveportrait_d6.mp4")
     w = cluster.start_workers(1)
-    ids = submitted_ids(cluster.cli("submit", str(video), "--fps", "10", "--segment", "100"))
+    # Every frame (1,008) in one segment: long enough on any CPU that the SIGTERM lands while it runs.
+    ids = submitted_ids(cluster.cli("submit", str(video), "--fps", "0", "--segment", "100"))
     running_segment(cluster.sessions, ids)
-    time.sleep(2)
+    time.sleep(1)
     t0 = time.time()
     w.send_signal(signal.SIGTERM)
     try:
@@ -577,7 +580,7 @@ def test_a_stopping_worker_hands_its_segment_back(cluster, tmp_path):
     with cluster.sessions() as s:
         seg = s.get(Segment, (ids[0], 0))
         assert seg.deaths == 0 and seg.attempts == 2
-    assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=10), 100))
+    assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=0), 100))
     assert stopped < 10
 
 

@@ -1,8 +1,7 @@
 """Track linking on synthetic paths: crossings, missed detections, people leaving and coming back."""
 
 import numpy as np
-
-from worker.tracks import Tracker
+from fervid.worker.tracks import Tracker
 
 
 def face(cx: float, cy: float, size: float = 80.0) -> tuple[np.ndarray, np.ndarray]:
@@ -56,11 +55,10 @@ def test_far_jump_is_another_person():
 
 def test_tracks_stored_a_page_at_a_time_match_one_pass(tmp_path):
     """assign_tracks reads a job's faces in pages; a frame cut by a page boundary must be linked as a whole."""
+    from fervid.worker.db import open_database
+    from fervid.worker.schema import Face, Job
+    from fervid.worker.tracks import assign_tracks
     from sqlalchemy import select
-
-    from worker.db import open_database
-    from worker.schema import Face, Job
-    from worker.tracks import assign_tracks
 
     sessions = open_database(f"sqlite:///{tmp_path / 't.db'}")
     with sessions.begin() as s:

@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
+from fervid.model.loader import load_model
+from fervid.model.weights import read_metadata
 from safetensors.torch import load_file
 
-from model.loader import load_model
-from model.weights import read_metadata
 from tests.conftest import ROOT, run_cli
 
 
@@ -90,9 +90,9 @@ def test_a_checkpoint_from_before_new_settings_still_resumes(fer_npz, tmp_path):
 
 
 def test_soft_targets_mix_the_ferplus_votes():
-    from training.config import TrainConfig
-    from training.data import ferplus_distribution
-    from training.train import _soft_target
+    from fervid.training.config import TrainConfig
+    from fervid.training.data import ferplus_distribution
+    from fervid.training.train import _soft_target
 
     votes = torch.zeros(3, 10, dtype=torch.int64)
     votes[0, 1] = 8  # happiness
@@ -111,8 +111,7 @@ def test_soft_targets_mix_the_ferplus_votes():
 def test_fast_settings_follow_the_cpu(monkeypatch):
     """bf16 autocast on a CPU with native bf16, fp32 on one without (emulated bf16 is slower than fp32)."""
     import torch
-
-    from training.train import resolve_amp
+    from fervid.training.train import resolve_amp
 
     cpu = torch.device("cpu")
     for bf16, amx, want in ((True, False, True), (False, True, True), (False, False, False)):

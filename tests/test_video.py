@@ -1,10 +1,10 @@
 """Frame sampling: the time grid, and time ranges (segments) that together give exactly the whole video's frames."""
 
 import pytest
+from fervid.worker.jobs import segment_bounds
+from fervid.worker.video import iter_frames, probe
 
 from tests.conftest import shared_path
-from worker.jobs import segment_bounds
-from worker.video import iter_frames, probe
 
 
 @pytest.mark.parametrize("name", ["pyfeat_WolfgangLanger_Pexels.mp4", "liveportrait_d6.mp4", "pyfeat_noface_face.mov"])

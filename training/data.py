@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from fervid.model.config import CLASSES
 
-from model.config import CLASSES
-from model.errors import FervidError
+from fervid.errors import FervidError
 
 SPLITS = ("Training", "PublicTest", "PrivateTest")
 SIZE = 48

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from model.config import CLASSES
-from model.loader import EmotionClassifier
-from training.data import FERPLUS_COLUMNS, FERPLUS_TO_FER, load_fer2013
+from fervid.model.config import CLASSES
+from fervid.model.loader import EmotionClassifier
+from fervid.training.data import FERPLUS_COLUMNS, FERPLUS_TO_FER, load_fer2013
 
 # FER+ vote columns, in the npz's order, and the FER2013 class each of the first seven is.
 

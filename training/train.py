@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fervid.model.device import cpu_features, resolve_device
+from fervid.model.predict import normalize, predict_proba
+from fervid.model.registry import create_model
+from fervid.model.weights import save_weights
+from fervid.training.augment import augment
+from fervid.training.config import TrainConfig
+from fervid.training.data import ferplus_distribution, load_fer2013
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from model.device import cpu_features, resolve_device
-from model.errors import FervidError
-from model.predict import normalize, predict_proba
-from model.registry import create_model
-from model.weights import save_weights
-from training.augment import augment
-from training.config import TrainConfig
-from training.data import ferplus_distribution, load_fer2013
+from fervid.errors import FervidError
 
 log = logging.getLogger("fervid.train")
 

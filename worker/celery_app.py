@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-
-from worker.settings import QueuePolicy
+from fervid.worker.settings import QueuePolicy
 
 SEGMENT_TIME_LIMIT = QueuePolicy.from_env().segment_time_limit_s
 VISIBILITY_TIMEOUT = 2 * SEGMENT_TIME_LIMIT + 300
@@ -29,7 +28,7 @@ def broker_url() -> str:
     return os.environ.get("FERVID_BROKER_URL", "redis://localhost:6379/0")
 
 
-app = Celery("fervid", include=["worker.tasks"])
+app = Celery("fervid", include=["fervid.worker.tasks"])
 app.conf.update(
     broker_url=broker_url(),
     task_serializer="json",

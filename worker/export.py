@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
-
-from worker.schema import EMOTIONS, Job
+from fervid.worker.schema import EMOTIONS, Job
 
 CSV_COLUMNS = ["job", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "det_score", *EMOTIONS, "emotion"]
 ROUNDING = {"time_s": 4, "x1": 1, "y1": 1, "x2": 1, "y2": 1, "det_score": 4} | {e: 5 for e in EMOTIONS}

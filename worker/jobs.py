@@ -30,20 +30,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from fervid.model.loader import resolve_weights
+from fervid.worker.db import DatabaseUnavailable, is_transient, with_db_retry
+from fervid.worker.media import check_media_path, media_roots
+from fervid.worker.pipeline import DETECTOR, Analyzer, SegmentRows, StageTimes, iter_batches
+from fervid.worker.schema import Face, Frame, Job, Segment
+from fervid.worker.settings import QueuePolicy, Settings, validate_segment_s
+from fervid.worker.tracks import assign_tracks
+from fervid.worker.video import VideoInfo, probe
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from model.errors import FervidError
-from model.loader import resolve_weights
-from model.weights import sha256_file
-from worker.db import DatabaseUnavailable, is_transient, with_db_retry
-from worker.media import check_media_path, media_roots
-from worker.pipeline import DETECTOR, Analyzer, SegmentRows, StageTimes, iter_batches
-from worker.schema import Face, Frame, Job, Segment
-from worker.settings import QueuePolicy, Settings, validate_segment_s
-from worker.tracks import assign_tracks
-from worker.video import VideoInfo, probe
+from fervid.checksum import sha256_file
+from fervid.errors import FervidError
 
 log = logging.getLogger("fervid.jobs")
 ACTIVE = ("queued", "running")

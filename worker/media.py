@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.errors import FervidError
+from fervid.errors import FervidError
 
 # FFmpeg demuxers for the containers that `is_video_container()` accepts, and nothing else: no HLS, ffconcat,
 # image sequences or other demuxers that open further files or URLs. The mov demuxer's external data

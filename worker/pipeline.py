@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fervid.model.device import resolve_device
+from fervid.model.loader import load_model, resolve_weights
+from fervid.model.retinaface import Detections, load_retinaface
+from fervid.worker.crops import align_faces
+from fervid.worker.schema import EMOTIONS
+from fervid.worker.settings import Settings
+from fervid.worker.video import DecodeState, FrameBatches, VideoInfo
 
-from model.device import resolve_device
-from model.errors import FervidError
-from model.loader import load_model, resolve_weights
-from model.retinaface import Detections, load_retinaface
-from worker.crops import align_faces
-from worker.schema import EMOTIONS
-from worker.settings import Settings
-from worker.video import DecodeState, FrameBatches, VideoInfo
+from fervid.errors import FervidError
 
 DETECTOR = "retinaface-mnet0.25"
 DEFAULT_SETTINGS = Settings()

@@ -12,8 +12,9 @@ import math
 import os
 from dataclasses import dataclass, fields
 
-from model.config import DEFAULT_MODEL
-from model.errors import FervidError
+from fervid.model.config import DEFAULT_MODEL
+
+from fervid.errors import FervidError
 
 # RetinaFace's smallest anchors are 16 px; a face of `min_face` pixels must still be ~20 px at the detector's
 # input, so frames are shrunk by 20 / min_face before detection (never enlarged).

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from model.errors import FervidError
+from fervid.errors import FervidError
 
 
 def _gpus(spec: str | None) -> list[str]:
@@ -61,7 +61,7 @@ def worker_commands(gpus: str | None, concurrency: int, loglevel: str = "INFO") 
 
 
 def _start(name: str, env: dict, loglevel: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "prefork",
+    cmd = [sys.executable, "-m", "celery", "-A", "fervid.worker.celery_app", "worker", "--pool", "prefork",
            "--concurrency", "1", "--hostname", f"{name}@%h", "--loglevel", loglevel, "-Q", "fervid",
            "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
     return subprocess.Popen(cmd, env=env)
@@ -84,11 +84,11 @@ def _start_sweeper():  # noqa: ANN202
     """The sweeper thread; None when the database cannot be opened yet (the workers wait for it too)."""
     import logging
 
-    from worker.celery_app import PRIORITY_STEPS, QUEUE, SEP, broker_url
-    from worker.db import open_database
-    from worker.settings import QueuePolicy
-    from worker.sweeper import RedisView, Sweeper
-    from worker.tasks import send
+    from fervid.worker.celery_app import PRIORITY_STEPS, QUEUE, SEP, broker_url
+    from fervid.worker.db import open_database
+    from fervid.worker.settings import QueuePolicy
+    from fervid.worker.sweeper import RedisView, Sweeper
+    from fervid.worker.tasks import send
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/sweeper] %(message)s")
     try:
@@ -103,7 +103,7 @@ def _start_sweeper():  # noqa: ANN202
 
 
 def run(gpus: str | None, concurrency: int, loglevel: str = "INFO") -> int:
-    from worker.media import media_roots
+    from fervid.worker.media import media_roots
 
     media_roots()  # a worker that may read no video would fail every segment it takes: refuse to start instead
     specs = worker_commands(gpus, concurrency, loglevel)

@@ -13,13 +13,13 @@ import signal
 import threading
 
 from celery import Task
+from fervid.worker.celery_app import app
+from fervid.worker.db import open_database_waiting
+from fervid.worker.jobs import Claim, mark_enqueued, run_segment
+from fervid.worker.media import media_roots
+from fervid.worker.settings import QueuePolicy
 
-from model.errors import FervidError
-from worker.celery_app import app
-from worker.db import open_database_waiting
-from worker.jobs import Claim, mark_enqueued, run_segment
-from worker.media import media_roots
-from worker.settings import QueuePolicy
+from fervid.errors import FervidError
 
 log = logging.getLogger("fervid.worker")
 POLICY = QueuePolicy.from_env()
@@ -41,7 +41,7 @@ def analyzer_for(model: str, sha256: str):  # noqa: ANN201
     """The models of a job: exactly the weights it was submitted with (their checksum), or a clear error."""
     import os
 
-    from worker.pipeline import Analyzer
+    from fervid.worker.pipeline import Analyzer
 
     analyzer = Analyzer(model, os.environ.get("FERVID_DEVICE", "auto"))
     if analyzer.classifier.sha256 != sha256:
