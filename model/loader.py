@@ -6,16 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fervid.model import weights
-from fervid.model.config import DEFAULT_MODEL, ModelConfig
-from fervid.model.predict import normalize, predict_proba
-from fervid.model.registry import ARCHITECTURES, count_parameters, create_model
-from fervid.model.weights import load_state_dict_into, read_metadata
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from fervid.checksum import sha256_file
 from fervid.errors import FervidError
+from fervid.model import weights
+from fervid.model.config import DEFAULT_MODEL, ModelConfig
+from fervid.model.predict import normalize, predict_proba
+from fervid.model.registry import ARCHITECTURES, count_parameters, create_model
+from fervid.model.weights import load_state_dict_into, read_metadata
 
 
 @dataclass
@@ -69,6 +69,17 @@ def resolve_weights(name_or_path: str) -> tuple[str, Path, str | None]:
         raise FervidError(f"model {name_or_path!r} has no trained weights shipped; train it with `fervid train`")
     known = ", ".join(sorted(weights.read_manifest())) or "none"
     raise FervidError(f"unknown model {name_or_path!r} (shipped: {known}; or give a .safetensors path)")
+
+
+def model_identity(name_or_path: str) -> tuple[str, str]:
+    """What a job records as its model, without loading it: (a shipped name, or the weights file's absolute
+    path, which workers then load; the sha256 the loaded model must have)."""
+    name, path, expected_sha = resolve_weights(name_or_path)
+    if not path.is_file():
+        raise FervidError(f"{path}: weights file not found")
+    if expected_sha is not None:
+        return name_or_path, expected_sha
+    return str(path.resolve()), sha256_file(path)
 
 
 def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: bool = True) -> EmotionClassifier:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fervid.model.architectures import MediumCNN, SeedCNN, SmallCNN
-from fervid.model.config import ModelConfig
 from torch import nn
 
 from fervid.errors import FervidError
+from fervid.model.architectures import MediumCNN, SeedCNN, SmallCNN
+from fervid.model.config import ModelConfig
 
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "seed": SeedCNN,

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from fervid.model.vision_ops import batched_nms
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fervid.errors import FervidError
+from fervid.model.vision_ops import batched_nms
 
 if TYPE_CHECKING:
     import onnxruntime

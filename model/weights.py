@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fervid.model.config import ModelConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fervid.checksum import sha256_file
 from fervid.errors import FervidError
+from fervid.model.config import ModelConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 

@@ -25,10 +25,10 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from fervid.worker.db import open_database
-from fervid.worker.schema import Job, Segment
 from sqlalchemy import select
 
+from fervid.worker.db import open_database
+from fervid.worker.schema import Job, Segment
 from scripts.bench_models import command_line, machine
 
 ROOT = Path(__file__).resolve().parents[1]

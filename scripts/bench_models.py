@@ -14,6 +14,7 @@ import sys
 import time
 
 import torch
+
 from fervid.model.loader import optimize_for_inference
 from fervid.model.predict import predict_proba
 from fervid.model.registry import ARCHITECTURES, create_model

@@ -16,11 +16,11 @@ import tempfile
 import time
 
 import numpy as np
+from sqlalchemy import insert, text
+
 from fervid.worker import query
 from fervid.worker.db import open_database
 from fervid.worker.schema import EMOTIONS, Face, Frame, Job
-from sqlalchemy import insert, text
-
 from scripts.bench_models import command_line
 
 TRACKS, FPS = 4, 25.0

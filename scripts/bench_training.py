@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
 from fervid.model.device import cpu_features, cpu_name
 from fervid.model.predict import normalize
 from fervid.model.registry import create_model
 from fervid.training.augment import augment
-from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)

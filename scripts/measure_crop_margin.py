@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import torch
 import torch.nn.functional as F
+
 from fervid.model.loader import load_model
 from fervid.model.retinaface import load_retinaface
 from fervid.training.data import load_fer2013

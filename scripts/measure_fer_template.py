@@ -14,6 +14,7 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from fervid.model.retinaface import load_retinaface
 from fervid.training.data import load_fer2013
 

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+
 from fervid.model import weights
 from fervid.model.device import cpu_features, cpu_name
 from fervid.model.loader import load_model
 from fervid.training.evaluate import evaluate, plot_confusion
-
 from scripts.bench_models import command_line, faces_per_second
 
 ROOT = Path(__file__).resolve().parents[1]

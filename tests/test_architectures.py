@@ -1,6 +1,7 @@
 import torch
-from fervid.model.registry import count_parameters, create_model
 from torch import nn
+
+from fervid.model.registry import count_parameters, create_model
 
 
 def test_seed_parameter_count_matches_keras():

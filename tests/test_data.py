@@ -5,9 +5,9 @@ import lzma
 import cv2
 import numpy as np
 import pytest
-from fervid.training.data import SPLITS, load_fer2013
 
 from fervid.errors import FervidError
+from fervid.training.data import SPLITS, load_fer2013
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
+from fervid.checksum import sha256_file
 from fervid.model.config import CLASSES
 from fervid.training.evaluate import evaluate, ferplus_majority_labels
 from fervid.worker.settings import Settings
-
-from fervid.checksum import sha256_file
 from tests.conftest import ROOT, run_cli
 
 

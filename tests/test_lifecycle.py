@@ -14,6 +14,10 @@ import time
 
 import numpy as np
 import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+
+from fervid.errors import FervidError
 from fervid.worker import jobs as jobs_mod
 from fervid.worker.db import open_database, retry_delays, with_db_retry
 from fervid.worker.jobs import (
@@ -27,10 +31,6 @@ from fervid.worker.pipeline import Analyzer, SegmentRows, StageTimes
 from fervid.worker.schema import Face, Frame, Job, Segment
 from fervid.worker.settings import QueuePolicy, Settings
 from fervid.worker.sweeper import finish_stuck, reclaim_expired, unsent
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
-
-from fervid.errors import FervidError
 from tests.conftest import run_cli, shared_path
 
 CLIP = "pyfeat_single_face.mp4"  # 2.4 s, one face: 12 frames at 5 fps; 3 segments of 1 s

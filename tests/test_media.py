@@ -12,12 +12,12 @@ import sys
 
 import cv2
 import pytest
+
+from fervid.errors import FervidError
 from fervid.worker import media as media_mod
 from fervid.worker import video as video_mod
 from fervid.worker.media import check_media_path, is_video_container, open_media
 from fervid.worker.video import MAX_FRAME_PIXELS, FrameBatches, iter_frames, probe
-
-from fervid.errors import FervidError
 from tests.conftest import ROOT, shared_path
 
 

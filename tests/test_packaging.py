@@ -36,7 +36,8 @@ def test_the_wheel_imports_beside_a_users_own_model_worker_and_training(tmp_path
     for name in ("model", "worker", "training"):
         (work / f"{name}.py").write_text(USER_MODULE.format(name=name))
     probe = (
-        "import fervid, fervid.api, fervid.model.loader, fervid.worker.jobs, fervid.worker.tasks, fervid.training.train\n"
+        "import fervid, fervid.api, fervid.model.loader, fervid.worker.jobs, fervid.worker.tasks\n"
+        "import fervid.training.train\n"
         "import model, worker, training\n"  # the user's own still import, and exit: run it last
     )
     proc = subprocess.run([py, "-c", probe], cwd=work, capture_output=True, text=True, timeout=300)
@@ -50,7 +51,7 @@ def test_the_wheel_imports_beside_a_users_own_model_worker_and_training(tmp_path
 
     # The installed command finds its shipped weights and migrations from there.
     proc = subprocess.run([env / "bin" / "fervid", "models"], cwd=work, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "* small" in proc.stdout and "the default model" in proc.stdout, proc.stderr + proc.stdout
+    assert proc.returncode == 0 and "the default model" in proc.stdout, proc.stderr + proc.stdout
     proc = subprocess.run([env / "bin" / "fervid", "analyze", "--help"], cwd=work, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0 and "--fps" in proc.stdout, proc.stderr

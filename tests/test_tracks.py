@@ -1,6 +1,7 @@
 """Track linking on synthetic paths: crossings, missed detections, people leaving and coming back."""
 
 import numpy as np
+
 from fervid.worker.tracks import Tracker
 
 
@@ -55,10 +56,11 @@ def test_far_jump_is_another_person():
 
 def test_tracks_stored_a_page_at_a_time_match_one_pass(tmp_path):
     """assign_tracks reads a job's faces in pages; a frame cut by a page boundary must be linked as a whole."""
+    from sqlalchemy import select
+
     from fervid.worker.db import open_database
     from fervid.worker.schema import Face, Job
     from fervid.worker.tracks import assign_tracks
-    from sqlalchemy import select
 
     sessions = open_database(f"sqlite:///{tmp_path / 't.db'}")
     with sessions.begin() as s:

@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-from fervid.model.loader import load_model
-from fervid.model.weights import read_metadata
 from safetensors.torch import load_file
 
+from fervid.model.loader import load_model
+from fervid.model.weights import read_metadata
 from tests.conftest import ROOT, run_cli
 
 
@@ -111,6 +111,7 @@ def test_soft_targets_mix_the_ferplus_votes():
 def test_fast_settings_follow_the_cpu(monkeypatch):
     """bf16 autocast on a CPU with native bf16, fp32 on one without (emulated bf16 is slower than fp32)."""
     import torch
+
     from fervid.training.train import resolve_amp
 
     cpu = torch.device("cpu")

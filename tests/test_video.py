@@ -1,9 +1,9 @@
 """Frame sampling: the time grid, and time ranges (segments) that together give exactly the whole video's frames."""
 
 import pytest
+
 from fervid.worker.jobs import segment_bounds
 from fervid.worker.video import iter_frames, probe
-
 from tests.conftest import shared_path
 
 

@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
+from fervid.errors import FervidError
 from fervid.model import weights
 from fervid.model.loader import list_models, load_model
 from fervid.model.registry import create_model
 from fervid.model.weights import read_metadata, register_weights, save_weights
-from safetensors.torch import load_file, save_file
-
-from fervid.errors import FervidError
 
 
 @pytest.fixture

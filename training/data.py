@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fervid.model.config import CLASSES
 
 from fervid.errors import FervidError
+from fervid.model.config import CLASSES
 
 SPLITS = ("Training", "PublicTest", "PrivateTest")
 SIZE = 48

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from fervid.model.config import CLASSES
 from fervid.model.loader import EmotionClassifier
 from fervid.training.data import FERPLUS_COLUMNS, FERPLUS_TO_FER, load_fer2013

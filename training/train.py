@@ -18,6 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from fervid.errors import FervidError
 from fervid.model.device import cpu_features, resolve_device
 from fervid.model.predict import normalize, predict_proba
 from fervid.model.registry import create_model
@@ -25,10 +29,6 @@ from fervid.model.weights import save_weights
 from fervid.training.augment import augment
 from fervid.training.config import TrainConfig
 from fervid.training.data import ferplus_distribution, load_fer2013
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
-
-from fervid.errors import FervidError
 
 log = logging.getLogger("fervid.train")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+
 from fervid.worker.settings import QueuePolicy
 
 SEGMENT_TIME_LIMIT = QueuePolicy.from_env().segment_time_limit_s

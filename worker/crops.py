@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from fervid.model.vision_ops import roi_align
 
 # Median landmark positions in 1,500 FER2013 Training images (found in 1,471), in 48x48 pixel coordinates

@@ -17,13 +17,13 @@ from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
-from fervid.worker.settings import QueuePolicy
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from fervid.errors import FervidError
+from fervid.worker.settings import QueuePolicy
 
 log = logging.getLogger("fervid.db")
 T = TypeVar("T")

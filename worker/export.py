@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+
 from fervid.worker.schema import EMOTIONS, Job
 
 CSV_COLUMNS = ["job", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "det_score", *EMOTIONS, "emotion"]

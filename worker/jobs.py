@@ -30,7 +30,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from fervid.model.loader import resolve_weights
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from fervid.checksum import sha256_file
+from fervid.errors import FervidError
+from fervid.model.loader import model_identity
 from fervid.worker.db import DatabaseUnavailable, is_transient, with_db_retry
 from fervid.worker.media import check_media_path, media_roots
 from fervid.worker.pipeline import DETECTOR, Analyzer, SegmentRows, StageTimes, iter_batches
@@ -38,12 +44,6 @@ from fervid.worker.schema import Face, Frame, Job, Segment
 from fervid.worker.settings import QueuePolicy, Settings, validate_segment_s
 from fervid.worker.tracks import assign_tracks
 from fervid.worker.video import VideoInfo, probe
-from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
-
-from fervid.checksum import sha256_file
-from fervid.errors import FervidError
 
 log = logging.getLogger("fervid.jobs")
 ACTIVE = ("queued", "running")
@@ -130,11 +130,8 @@ def expand_inputs(items: list[str]) -> list[Path]:
 def model_versions(model: str) -> dict[str, str]:
     """What identifies a job's models, without loading them: the model (a shipped name, or the weights file's
     absolute path, which the workers then load), its weights' checksum, and the detector."""
-    name, path, sha = resolve_weights(model)
-    if not path.is_file():
-        raise FervidError(f"{path}: weights file not found")
-    model_id = model if sha is not None else str(path.resolve())
-    return {"model": model_id, "model_sha256": sha or sha256_file(path), "detector": DETECTOR}
+    model_id, sha = model_identity(model)
+    return {"model": model_id, "model_sha256": sha, "detector": DETECTOR}
 
 
 def job_key(sha256: str, settings: Settings, versions: dict[str, str]) -> str:

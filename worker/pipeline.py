@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fervid.errors import FervidError
 from fervid.model.device import resolve_device
-from fervid.model.loader import load_model, resolve_weights
+from fervid.model.loader import load_model, model_identity
 from fervid.model.retinaface import Detections, load_retinaface
 from fervid.worker.crops import align_faces
 from fervid.worker.schema import EMOTIONS
 from fervid.worker.settings import Settings
 from fervid.worker.video import DecodeState, FrameBatches, VideoInfo
-
-from fervid.errors import FervidError
 
 DETECTOR = "retinaface-mnet0.25"
 DEFAULT_SETTINGS = Settings()
@@ -59,7 +59,7 @@ class Analyzer:
         self.classifier = load_model(model, device=self.device)
         self.detector = load_retinaface(self.device)
         # What a job records as its model: a shipped name, or the weights file's absolute path.
-        self.model_id = model if resolve_weights(model)[2] is not None else str(self.classifier.path.resolve())
+        self.model_id = model_identity(model)[0]
         if tuple(c.lower() for c in self.classifier.classes) != EMOTIONS:
             raise FervidError(f"model {model!r} predicts {self.classifier.classes}, not the 7 FER2013 classes")
 

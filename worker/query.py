@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from fervid.worker.db import database_url, open_database
-from fervid.worker.schema import EMOTIONS, Face, Frame, Job
 from sqlalchemy import and_, case, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from fervid.errors import FervidError
+from fervid.worker.db import database_url, open_database
+from fervid.worker.schema import EMOTIONS, Face, Frame, Job
 
 TIMELINE_COLUMNS = ["job", "frame", "time_s", "face", "track", "x1", "y1", "x2", "y2", "det_score", *EMOTIONS,
                     "emotion"]  # fmt: skip
@@ -250,6 +250,7 @@ def annotate_video(job_id: int, out: str | Path, db: str | sessionmaker | None =
 
     Frames between analysed ones carry the last analysed frame's faces, so labels do not flicker."""
     import cv2
+
     from fervid.worker.video import iter_frames, probe
 
     df = timeline(job_id, db=db)

@@ -12,9 +12,8 @@ import math
 import os
 from dataclasses import dataclass, fields
 
-from fervid.model.config import DEFAULT_MODEL
-
 from fervid.errors import FervidError
+from fervid.model.config import DEFAULT_MODEL
 
 # RetinaFace's smallest anchors are 16 px; a face of `min_face` pixels must still be ~20 px at the detector's
 # input, so frames are shrunk by 20 / min_face before detection (never enlarged).

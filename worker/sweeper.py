@@ -21,12 +21,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from fervid.worker.jobs import ACTIVE, _aware, _lock_job, _now, _segment, finish_job, record_death
-from fervid.worker.schema import Job, Segment
-from fervid.worker.settings import QueuePolicy
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
+
+from fervid.worker.jobs import ACTIVE, _aware, _lock_job, _now, _segment, finish_job, record_death
+from fervid.worker.schema import Job, Segment
+from fervid.worker.settings import QueuePolicy
 
 log = logging.getLogger("fervid.sweeper")
 ADVISORY_LOCK = 0x66657276  # "ferv": one sweeper at a time across all workers of a PostgreSQL database

@@ -13,13 +13,13 @@ import signal
 import threading
 
 from celery import Task
+
+from fervid.errors import FervidError
 from fervid.worker.celery_app import app
 from fervid.worker.db import open_database_waiting
 from fervid.worker.jobs import Claim, mark_enqueued, run_segment
 from fervid.worker.media import media_roots
 from fervid.worker.settings import QueuePolicy
-
-from fervid.errors import FervidError
 
 log = logging.getLogger("fervid.worker")
 POLICY = QueuePolicy.from_env()

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from fervid.worker.schema import Face
 from scipy.optimize import linear_sum_assignment
 from sqlalchemy import select, tuple_, update
 from sqlalchemy.orm import Session
+
+from fervid.worker.schema import Face
 
 MAX_COST = 1.5
 

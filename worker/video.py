@@ -20,9 +20,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from fervid.worker.media import FFMPEG_CAPTURE_OPTIONS, MediaFile, open_media
 
 from fervid.errors import FervidError
+from fervid.worker.media import FFMPEG_CAPTURE_OPTIONS, MediaFile, open_media
 
 # OpenCV reads this variable at every FFmpeg open and passes it to avformat_open_input: the file protocol only,
 # and only container demuxers, so that no playlist or script makes FFmpeg open other files or URLs. Set here,

@@ -1,6 +1,7 @@
 """Alembic environment: the same migrations for SQLite and PostgreSQL, run from code (worker.db.migrate)."""
 
 from alembic import context
+
 from fervid.worker.schema import Base
 
 config = context.config
