@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,10 +15,17 @@ USER_MODULE = 'raise SystemExit("the user\'s own {name}.py was imported in place
 
 
 def test_the_wheel_imports_beside_a_users_own_model_worker_and_training(tmp_path):
-    # Build the wheel with the installed setuptools (no download), as `pip install .` would.
+    # Build the wheel with the installed setuptools (no download), as `pip install .` would, from a copy of the
+    # tree git would commit: setuptools builds in place, and the checkout must not gain a build/ folder.
+    src = tmp_path / "src"
+    tree = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
+    for rel in subprocess.check_output(tree, cwd=ROOT, text=True).splitlines():
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)  # fmt: skip
+                    "-w", str(wheels), str(src)], check=True, capture_output=True, timeout=300)  # fmt: skip
     (wheel,) = wheels.glob("fervid-*.whl")
 
     # A fresh venv that borrows the dependencies (not fervid) of this one: nothing is downloaded.
