@@ -1,16 +1,39 @@
 """The emotion classifiers: `seed` (the Keras reference, reproduced exactly), `small` (fast on a CPU) and `medium`.
 
-Every model here takes a float tensor [N, 1, 48, 48] already normalised as its config says
-(see `model.config.resolve_data_config`) and returns logits [N, 7].
+Every model here carries its config (`net.cfg`: input size, normalisation, classes), takes a float tensor
+[N, 1, 48, 48] normalised as that config says (`fervid.model.predict.preprocess`) and returns logits [N, 7].
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
+from fervid.model.config import ModelConfig
 
-class SeedCNN(nn.Module):
+
+class EmotionNet(nn.Module):
+    """An emotion classifier that carries its own config, as timm models carry their pretrained_cfg.
+
+    The class names its architecture; weights files bring the config they were trained with (same architecture).
+    """
+
+    architecture: ClassVar[str]
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or ModelConfig(architecture=self.architecture)
+        if self.cfg.architecture != self.architecture:
+            raise ValueError(f"a {self.architecture!r} net cannot take a {self.cfg.architecture!r} config")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cfg.classes)
+
+
+class SeedCNN(EmotionNet):
     """gitshanks/fer2013's Keras CNN, layer for layer.
 
     Keras puts the ReLU inside Conv2D (activation='relu') and the BatchNormalization after it, so the
@@ -19,10 +42,11 @@ class SeedCNN(nn.Module):
     kernel, which the trainer adds to the loss through `regularization_loss()`.
     """
 
+    architecture = "seed"
     l2_first_conv = 0.01
 
-    def __init__(self, num_classes: int = 7, width: int = 64) -> None:
-        super().__init__()
+    def __init__(self, cfg: ModelConfig | None = None, width: int = 64) -> None:
+        super().__init__(cfg)
         w = width
 
         def bn(c: int) -> nn.BatchNorm2d:
@@ -45,7 +69,7 @@ class SeedCNN(nn.Module):
             nn.Linear(8 * w * 2 * 2, 8 * w), nn.ReLU(inplace=True), nn.Dropout(0.4),
             nn.Linear(8 * w, 4 * w), nn.ReLU(inplace=True), nn.Dropout(0.4),
             nn.Linear(4 * w, 2 * w), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            nn.Linear(2 * w, num_classes),
+            nn.Linear(2 * w, self.num_classes),
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +89,7 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
     ]
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(EmotionNet):
     """A VGG-style net sized for a 2-core CPU.
 
     FER2013 faces fill the 48x48 frame, so the first conv works at full resolution but only with few
@@ -74,8 +98,10 @@ class SmallCNN(nn.Module):
     so they buy more accuracy per millisecond. Global average pooling keeps the head tiny.
     """
 
-    def __init__(self, num_classes: int = 7, widths: tuple[int, ...] = (32, 48, 96, 192)) -> None:
-        super().__init__()
+    architecture = "small"
+
+    def __init__(self, cfg: ModelConfig | None = None, widths: tuple[int, ...] = (32, 48, 96, 192)) -> None:
+        super().__init__(cfg)
         c1, c2, c3, c4 = widths
         self.features = nn.Sequential(
             *_conv_bn_relu(1, c1), nn.MaxPool2d(2),                           # 48 -> 24
@@ -83,19 +109,23 @@ class SmallCNN(nn.Module):
             *_conv_bn_relu(c2, c3), *_conv_bn_relu(c3, c3), nn.MaxPool2d(2),  # 12 -> 6
             *_conv_bn_relu(c3, c4), *_conv_bn_relu(c4, c4),                   # 6
         )  # fmt: skip
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(c4, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(c4, self.num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
-class MediumCNN(nn.Module):
+class MediumCNN(EmotionNet):
     """`small` with two convolutions at every resolution (48, 24, 12, 6) and wider stages: 1.17M parameters,
     ~117 MMAC a face (2.7x small), still above 1,500 faces/s at batch 32 on two CPU cores in fp32
     (BENCHMARKS.md). A candidate for the CPU default, meant to be trained with the FER+ votes and weight averaging."""
 
-    def __init__(self, num_classes: int = 7, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
-        super().__init__()
+    architecture = "medium"
+
+    def __init__(self, cfg: ModelConfig | None = None, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__(cfg)
         layers: list[nn.Module] = []
         cin = 1
         for i, w in enumerate(widths):
@@ -104,7 +134,9 @@ class MediumCNN(nn.Module):
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(cin, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(cin, self.num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

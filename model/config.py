@@ -1,7 +1,7 @@
 """What a model needs to be used: classes, input size and normalisation, carried by the model itself.
 
-Like timm's pretrained_cfg: callers read preprocessing from here (`resolve_data_config`) and never repeat
-the constants.
+Like timm's pretrained_cfg: every net has `net.cfg`, and preprocessing (`fervid.model.predict.preprocess`) reads
+it, so no caller repeats the constants.
 """
 
 from __future__ import annotations
@@ -41,8 +41,3 @@ class ModelConfig:
             classes=tuple(d["classes"]),
         )
 
-
-def resolve_data_config(model: object) -> dict:
-    """Preprocessing for `model` (anything carrying a `cfg: ModelConfig`): input size, mean, std."""
-    cfg: ModelConfig = model.cfg  # type: ignore[attr-defined]
-    return {"input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std, "classes": cfg.classes}

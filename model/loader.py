@@ -7,13 +7,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.fx.experimental.optimization import fuse
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from fervid.checksum import sha256_file
 from fervid.errors import FervidError
 from fervid.model import weights
+from fervid.model.architectures import EmotionNet
 from fervid.model.config import DEFAULT_MODEL, ModelConfig
-from fervid.model.predict import normalize, predict_proba
+from fervid.model.ensemble import EnsembleNet, ensemble_sha256
+from fervid.model.predict import predict_proba, preprocess
 from fervid.model.registry import ARCHITECTURES, count_parameters, create_model
 from fervid.model.weights import load_state_dict_into, read_metadata
 
@@ -21,14 +23,14 @@ from fervid.model.weights import load_state_dict_into, read_metadata
 @dataclass
 class EmotionClassifier:
     name: str
-    net: nn.Module
+    net: EmotionNet
     meta: dict
     path: Path
     sha256: str
 
     @property
     def cfg(self) -> ModelConfig:
-        return self.net.cfg  # type: ignore[return-value]
+        return self.net.cfg
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -48,9 +50,7 @@ class EmotionClassifier:
 
     def preprocess(self, faces: torch.Tensor) -> torch.Tensor:
         """uint8 faces [N, H, W] or [N, 1, H, W] at the model's input size -> normalised float NCHW."""
-        if faces.ndim == 3:
-            faces = faces.unsqueeze(1)
-        return normalize(faces.to(self.device).float() / 255.0, self.cfg).contiguous(memory_format=torch.channels_last)
+        return preprocess(faces, self.cfg, self.device)
 
     def predict_proba(self, faces: torch.Tensor, batch_size: int = 256, tta: str = "none") -> torch.Tensor:
         """Class probabilities [N, 7] (on the CPU) for uint8 faces at the model's input size."""
@@ -74,6 +74,9 @@ def resolve_weights(name_or_path: str) -> tuple[str, Path, str | None]:
 def model_identity(name_or_path: str) -> tuple[str, str]:
     """What a job records as its model, without loading it: (a shipped name, or the weights file's absolute
     path, which workers then load; the sha256 the loaded model must have)."""
+    ensemble = weights.shipped_ensemble(name_or_path)
+    if ensemble:
+        return name_or_path, ensemble[2]
     name, path, expected_sha = resolve_weights(name_or_path)
     if not path.is_file():
         raise FervidError(f"{path}: weights file not found")
@@ -86,8 +89,11 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: 
     """A shipped model by name (checksum verified), or a weights file by path, in eval mode on `device`.
 
     With `optimize`, BatchNorm is folded into the convolutions (`optimize_for_inference`); the net always
-    runs channels_last.
+    runs channels_last. A shipped ensemble's name loads its members, each checked, behind one net.
     """
+    ensemble = weights.shipped_ensemble(name_or_path)
+    if ensemble:
+        return _load_ensemble(name_or_path, *ensemble, device=device, optimize=optimize)
     name, path, expected_sha = resolve_weights(name_or_path)
     if not path.is_file():
         raise FervidError(f"{path}: weights file not found")
@@ -101,8 +107,7 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: 
     cfg: ModelConfig = meta["config"]
     if cfg.architecture not in ARCHITECTURES:
         raise FervidError(f"{path}: weights are for unknown architecture {cfg.architecture!r}")
-    net = create_model(cfg.architecture)
-    net.cfg = cfg  # type: ignore[assignment]
+    net = create_model(cfg.architecture, cfg)
     load_state_dict_into(net, path)
     if optimize:
         net = optimize_for_inference(net)
@@ -110,12 +115,32 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: 
     return EmotionClassifier(name=name, net=net, meta=meta, path=path, sha256=sha)
 
 
-def optimize_for_inference(net: nn.Module) -> nn.Module:
-    """Fold each BatchNorm into the conv before it (about 1.5x faster on a CPU, same outputs to rounding)."""
-    cfg = net.cfg
-    fused = fuse(net.eval())
-    fused.cfg = cfg  # type: ignore[assignment]
-    return fused
+def _load_ensemble(name: str, members: list[str], tta: str, expected_sha: str, device: str | torch.device,
+                   optimize: bool) -> EmotionClassifier:  # fmt: skip
+    loaded = [load_model(m, device=device, optimize=optimize) for m in members]
+    sha = ensemble_sha256({c.name: c.sha256 for c in loaded}, tta)
+    if sha != expected_sha:
+        raise FervidError(
+            f"model {name!r}: the weights of its members ({', '.join(members)}) changed since the ensemble was "
+            "registered; register it again (fervid.model.weights.register_ensemble) and measure it again"
+        )
+    net = EnsembleNet([c.net for c in loaded], tta=tta).to(device).eval()
+    meta = {"config": net.cfg, "members": members, "tta": tta}
+    return EmotionClassifier(name=name, net=net, meta=meta, path=weights.WEIGHTS_DIR / "manifest.json", sha256=sha)
+
+
+def optimize_for_inference(net: EmotionNet) -> EmotionNet:
+    """Fold each BatchNorm into the conv or linear layer just before it, in place (about 1.5x faster on a CPU, the
+    same outputs to rounding). The net keeps its class and its config."""
+    net.eval()
+    for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            a, b = seq[i], seq[i + 1]
+            if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(a, b), nn.Identity()
+            elif isinstance(a, nn.Linear) and isinstance(b, nn.BatchNorm1d):
+                seq[i], seq[i + 1] = fuse_linear_bn_eval(a, b), nn.Identity()
+    return net
 
 
 def list_models() -> list[dict]:
@@ -143,4 +168,18 @@ def list_models() -> list[dict]:
                 accuracy = read_metadata(path).get("accuracy", {})
             row.update(accuracy=accuracy, eval=measured, weights=str(path), sha256=sha)
         rows.append(row)
+    for name, entry in weights.read_manifest().items():
+        if "members" not in entry:
+            continue
+        measured = weights.measured_eval(name)
+        accuracy = {s: measured[s]["accuracy"] for s in ("PublicTest", "PrivateTest") if s in (measured or {})}
+        params = 0
+        for m in entry["members"]:
+            shipped = weights.shipped_weights(m)
+            if shipped:
+                params += count_parameters(create_model(read_metadata(shipped[0])["config"].architecture))[0]
+        rows.append({"name": name, "architecture": "ensemble", "default": name == DEFAULT_MODEL, "parameters": params,
+                     "input_size": rows[0]["input_size"], "accuracy": accuracy, "eval": measured,
+                     "weights": f"ensemble of {' + '.join(entry['members'])}, {entry['tta']} TTA",
+                     "sha256": entry["sha256"]})  # fmt: skip
     return rows

@@ -6,12 +6,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fervid.model.config import ModelConfig
+
 TTA_MODES = ("none", "flip", "tencrop")
 
 
-def normalize(x: torch.Tensor, cfg: object) -> torch.Tensor:
-    """Pixels as floats in [0, 1] -> the input the model was trained on."""
-    return (x - cfg.mean) / cfg.std  # type: ignore[attr-defined]
+def normalize(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Pixels as floats in [0, 1] -> the input the model was trained on (training augments in between)."""
+    return (x - cfg.mean) / cfg.std
+
+
+def preprocess(faces: torch.Tensor, cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 faces [N, H, W] or [N, 1, H, W] at the model's input size -> its normalised float NCHW input,
+    channels_last (the memory format every net here runs in)."""
+    if faces.ndim == 3:
+        faces = faces.unsqueeze(1)
+    x = normalize(faces.to(device, non_blocking=True).float() / 255.0, cfg)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
@@ -39,12 +50,9 @@ def predict_proba(
     dev = next(net.parameters()).device
     was_training = net.training
     net.eval()
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
     out = []
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i : i + batch_size].to(dev, non_blocking=True).float() / 255.0, net.cfg)
-        views = _views(x, tta)
+        views = _views(preprocess(images[i : i + batch_size], net.cfg, dev), tta)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             probs = sum(net(v.contiguous(memory_format=torch.channels_last)).float().softmax(1) for v in views)
         out.append((probs / len(views)).cpu())

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
 from fervid.errors import FervidError
-from fervid.model.architectures import MediumCNN, SeedCNN, SmallCNN
+from fervid.model.architectures import EmotionNet, MediumCNN, SeedCNN, SmallCNN
 from fervid.model.config import ModelConfig
 
-ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
-    "seed": SeedCNN,
-    "small": SmallCNN,
-    "medium": MediumCNN,
-}
+ARCHITECTURES: dict[str, type[EmotionNet]] = {cls.architecture: cls for cls in (SeedCNN, SmallCNN, MediumCNN)}
 
 
-def create_model(architecture: str) -> nn.Module:
+def create_model(architecture: str, cfg: ModelConfig | None = None) -> EmotionNet:
+    """An untrained `architecture` net with `cfg` (a weights file's config) or the architecture's default one."""
     try:
-        factory = ARCHITECTURES[architecture]
+        cls = ARCHITECTURES[architecture]
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
         raise FervidError(f"unknown architecture {architecture!r} (known: {known})") from None
-    net = factory()
-    net.cfg = ModelConfig(architecture=architecture)  # type: ignore[assignment]
-    return net
+    return cls(cfg)
 
 
 def count_parameters(net: nn.Module) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from torch import nn
 from fervid.checksum import sha256_file
 from fervid.errors import FervidError
 from fervid.model.config import ModelConfig
+from fervid.model.ensemble import ENSEMBLE_TTA, ensemble_sha256
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -78,7 +79,8 @@ def load_state_dict_into(net: nn.Module, path: Path) -> None:
 
 
 def read_manifest(weights_dir: Path | None = None) -> dict[str, dict]:
-    """{name: {"file", "sha256", "eval"?}} of the shipped weights (model/weights/manifest.json).
+    """{name: {"file", "sha256", "eval"?}} of the shipped weights (model/weights/manifest.json), and
+    {name: {"members", "tta", "sha256", "eval"?}} of the shipped ensembles of them.
 
     "eval" holds the numbers measured on those weights by `python -m scripts.measure_model NAME` (accuracies, FER+
     majority accuracy, faces/s, the CPU and date); it names the sha256 it was measured on.
@@ -93,7 +95,13 @@ def shipped_weights(name: str, weights_dir: Path | None = None) -> tuple[Path, s
     """(path, expected sha256) of the shipped weights called `name`, or None."""
     weights_dir = weights_dir or WEIGHTS_DIR
     entry = read_manifest(weights_dir).get(name)
-    return (weights_dir / entry["file"], entry["sha256"]) if entry else None
+    return (weights_dir / entry["file"], entry["sha256"]) if entry and "file" in entry else None
+
+
+def shipped_ensemble(name: str, weights_dir: Path | None = None) -> tuple[list[str], str, str] | None:
+    """(member names, TTA, expected sha256) of the shipped ensemble called `name`, or None."""
+    entry = read_manifest(weights_dir).get(name)
+    return (list(entry["members"]), entry["tta"], entry["sha256"]) if entry and "members" in entry else None
 
 
 def _write_manifest(weights_dir: Path, manifest: dict[str, dict]) -> None:
@@ -115,6 +123,33 @@ def register_weights(name: str, path: Path) -> None:
         entry["eval"] = old_eval
     manifest[name] = entry
     _write_manifest(path.parent, manifest)
+
+
+def register_ensemble(name: str, members: list[str], tta: str = "flip", weights_dir: Path | None = None) -> str:
+    """Record an ensemble of shipped weights under `name` in the manifest; returns its sha256.
+
+    The sha256 covers the members' weights checksums: retrained members make the ensemble refuse to load until it
+    is registered again (and measured again).
+    """
+    weights_dir = weights_dir or WEIGHTS_DIR
+    manifest = read_manifest(weights_dir)
+    if name in manifest and "members" not in manifest[name]:
+        raise FervidError(f"{name!r} names shipped weights, not an ensemble")
+    if len(set(members)) != len(members) or not members:
+        raise FervidError(f"ensemble {name!r}: members must be distinct and at least one: {members}")
+    for m in members:
+        if shipped_weights(m, weights_dir) is None:
+            raise FervidError(f"ensemble {name!r}: {m!r} is not a shipped weights file (an ensemble holds weights)")
+    if tta not in ENSEMBLE_TTA:
+        raise FervidError(f"ensemble {name!r}: unknown TTA {tta!r} (known: {', '.join(ENSEMBLE_TTA)})")
+    sha = ensemble_sha256({m: manifest[m]["sha256"] for m in members}, tta)
+    entry: dict = {"members": list(members), "tta": tta, "sha256": sha}
+    old_eval = manifest.get(name, {}).get("eval")
+    if old_eval and old_eval.get("weights_sha256") == sha:
+        entry["eval"] = old_eval
+    manifest[name] = entry
+    _write_manifest(weights_dir, manifest)
+    return sha
 
 
 def record_eval(name: str, measured: dict, weights_dir: Path | None = None) -> None:

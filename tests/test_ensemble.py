@@ -1,0 +1,100 @@
+"""Ensembles behind one model name, and the folding of BatchNorm that every loaded net goes through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fervid.errors import FervidError
+from fervid.model import weights
+from fervid.model.ensemble import EnsembleNet
+from fervid.model.loader import list_models, load_model, model_identity, optimize_for_inference
+from fervid.model.predict import predict_proba
+from fervid.model.registry import create_model
+from fervid.model.weights import register_ensemble, register_weights, save_weights
+
+
+def _trained_like(arch: str, seed: int) -> torch.nn.Module:
+    """A net with random weights and BatchNorm statistics far from their initial values (so folding matters)."""
+    torch.manual_seed(seed)
+    net = create_model(arch)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """Two shipped nets, `a` (small) and `b` (medium), in a weights folder of the test's own."""
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    for name, arch, seed in (("a", "small", 0), ("b", "medium", 1)):
+        net = _trained_like(arch, seed)
+        save_weights(net, folder / f"{name}.safetensors", net.cfg)
+        register_weights(name, folder / f"{name}.safetensors")
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["seed", "small", "medium"])
+def test_folding_batchnorm_keeps_outputs_class_and_config(arch):
+    net = _trained_like(arch, 3)
+    x = torch.randn(6, 1, 48, 48)
+    with torch.no_grad():
+        before = net(x)
+        folded = optimize_for_inference(net)
+        after = folded(x)
+    assert type(folded) is type(net) and folded.cfg.architecture == arch
+    assert torch.allclose(before, after, atol=1e-4), (before - after).abs().max()
+    if arch != "seed":  # the seed's BatchNorms follow a ReLU, and nothing can be folded there
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_an_ensemble_averages_its_members_with_flips(shipped):
+    sha = register_ensemble("duo", ["a", "b"], tta="flip")
+    clf = load_model("duo")
+    assert clf.name == "duo" and clf.sha256 == sha and model_identity("duo") == ("duo", sha)
+    assert isinstance(clf.net, EnsembleNet) and clf.cfg.classes == load_model("a").cfg.classes
+    faces = torch.randint(0, 256, (10, 48, 48), dtype=torch.uint8)
+    expected = (predict_proba(load_model("a").net, faces, tta="flip") +
+                predict_proba(load_model("b").net, faces, tta="flip")) / 2  # fmt: skip
+    got = clf.predict_proba(faces)
+    assert torch.allclose(got, expected, atol=1e-5) and torch.allclose(got.sum(1), torch.ones(10), atol=1e-5)
+    # Without TTA the mean of the plain predictions; a different identity.
+    plain = register_ensemble("duo", ["a", "b"], tta="none")
+    assert plain != sha
+    expected = (predict_proba(load_model("a").net, faces) + predict_proba(load_model("b").net, faces)) / 2
+    assert torch.allclose(load_model("duo").predict_proba(faces), expected, atol=1e-5)
+    row = [r for r in list_models() if r["name"] == "duo"][0]
+    n_a = sum(p.numel() for p in create_model("small").parameters())
+    n_b = sum(p.numel() for p in create_model("medium").parameters())
+    assert row["architecture"] == "ensemble" and row["parameters"] == n_a + n_b and row["sha256"] == plain
+
+
+def test_an_ensemble_refuses_members_retrained_since_it_was_registered(shipped):
+    register_ensemble("duo", ["a", "b"])
+    net = _trained_like("medium", 7)
+    save_weights(net, shipped / "b.safetensors", net.cfg)
+    register_weights("b", shipped / "b.safetensors")
+    with pytest.raises(FervidError, match="'duo': the weights of its members .* changed"):
+        load_model("duo")
+    sha = register_ensemble("duo", ["a", "b"])
+    assert load_model("duo").sha256 == sha
+
+
+def test_registering_a_bad_ensemble_says_why(shipped):
+    with pytest.raises(FervidError, match="'nosuch' is not a shipped weights file"):
+        register_ensemble("duo", ["a", "nosuch"])
+    register_ensemble("duo", ["a", "b"])
+    with pytest.raises(FervidError, match="'duo' is not a shipped weights file"):
+        register_ensemble("trio", ["a", "duo"])
+    with pytest.raises(FervidError, match="unknown TTA 'tencrop'"):
+        register_ensemble("trio", ["a", "b"], tta="tencrop")
+    with pytest.raises(FervidError, match="distinct"):
+        register_ensemble("trio", ["a", "a"])
+    with pytest.raises(FervidError, match="names shipped weights, not an ensemble"):
+        register_ensemble("a", ["b"])
