@@ -416,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-smoothing", type=float, default=train_default("label_smoothing"))
     t.add_argument("--soft-targets", type=float, default=train_default("soft_targets"), metavar="W",
                    help="weight of the FER+ crowd's vote distribution in the target (npz data; 0 = off)")
+    t.add_argument("--distill", type=float, default=train_default("distill"), metavar="W",
+                   help="weight of the --teacher model's class probabilities in the target (0 = off)")
+    t.add_argument("--teacher", default=train_default("teacher"), metavar="MODEL",
+                   help="the model to distil: a shipped name (an ensemble too) or a .safetensors path")
     t.add_argument("--ema", type=float, default=train_default("ema"), metavar="DECAY",
                    help="evaluate and export an exponential moving average of the weights (e.g. 0.999; 0 = off)")
     t.add_argument("--seed", type=int, default=train_default("seed"))

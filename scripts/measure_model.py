@@ -3,11 +3,12 @@
     python -m scripts.measure_model small [--data ../shared/data/fer2013/fer2013.npz] [--seconds 3]
 
 Measures, on the shipped weights (checksum verified): PublicTest and PrivateTest accuracy, plain and with flip and
-ten-crop TTA; accuracy against the FER+ majority labels of PrivateTest (training.evaluate.ferplus_majority_labels);
-faces/s at batch 32 and batch 1 on this CPU (scripts.bench_models.faces_per_second). Writes the manifest's "eval"
-block (with the CPU, its features, thread count, torch version, load average and date) and refreshes
-model/weights/NAME.SPLIT.json and NAME.SPLIT.confusion.png. Faces/s are only as good as the machine is idle: the
-1-minute load average at timing is recorded beside them.
+ten-crop TTA (an ensemble: as it is, with its own TTA); accuracy against the FER+ majority labels of PrivateTest
+(training.evaluate.ferplus_majority_labels); faces/s at batch 32 and batch 1 on this CPU
+(scripts.bench_models.faces_per_second). Writes the manifest's "eval" block (with the CPU, its features, thread
+count, torch version, load average and date) and refreshes model/weights/NAME.SPLIT.json and
+NAME.SPLIT.confusion.png. Faces/s are only as good as the machine is idle: the 1-minute load average at timing is
+recorded beside them.
 """
 
 from __future__ import annotations
@@ -40,18 +41,21 @@ def _shown(path: Path) -> str:
 
 
 def measure(name: str, data: Path, seconds: float, write_reports: bool = True) -> dict:
-    if weights.shipped_weights(name) is None:
+    ensemble = weights.shipped_ensemble(name) is not None
+    if weights.shipped_weights(name) is None and not ensemble:
         raise SystemExit(f"{name!r} is not a shipped model (model/weights/manifest.json)")
     clf = load_model(name, device="cpu")
+    tta = () if ensemble else TTA  # an ensemble brings its own TTA: its single crop already is its best
     t0 = time.perf_counter()
     measured: dict = {"weights_sha256": clf.sha256, "data": data.name, "data_sha256": weights.sha256_file(data)}
     for split in SPLITS:
-        report = evaluate(clf, data, split, tta=TTA)
+        report = evaluate(clf, data, split, tta=tta)
         report["data"] = _shown(data)
-        measured[split] = {"n": report["n"], "accuracy": report["accuracy"], **report["tta_accuracy"]}
+        measured[split] = {"n": report["n"], "accuracy": report["accuracy"], **report.get("tta_accuracy", {})}
         if split == "PrivateTest":
             fp = report["ferplus_majority"]
-            measured["ferplus_majority_PrivateTest"] = {"n": fp["n"], "accuracy": fp["accuracy"], **fp["tta_accuracy"]}
+            measured["ferplus_majority_PrivateTest"] = {"n": fp["n"], "accuracy": fp["accuracy"],
+                                                        **fp.get("tta_accuracy", {})}  # fmt: skip
         if write_reports:
             (weights.WEIGHTS_DIR / f"{name}.{split}.json").write_text(json.dumps(report) + "\n")
             plot_confusion(report, weights.WEIGHTS_DIR / f"{name}.{split}.confusion.png")

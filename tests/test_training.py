@@ -120,3 +120,33 @@ def test_fast_settings_follow_the_cpu(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert resolve_amp("auto", cpu) is want
     assert resolve_amp("off", cpu) is False and resolve_amp("on", cpu) is True
+
+
+def test_distillation_targets_mix_labels_votes_and_teacher():
+    from fervid.training.config import TrainConfig
+    from fervid.training.train import _soft_target
+
+    y = torch.tensor([0, 3])
+    votes = (torch.tensor([[0.0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1]]), torch.tensor([True, False]))
+    teacher = torch.tensor([[0.5, 0, 0, 0.5, 0, 0, 0], [0, 0, 0, 0.25, 0, 0.75, 0]])
+    idx = torch.tensor([0, 1])
+    cfg = TrainConfig(arch="small", data="-", out="-", label_smoothing=0.0, soft_targets=0.5, distill=0.5)
+    target = _soft_target(y, votes, teacher, idx, cfg)
+    # Row 0: label 0 and votes for 3, half each, then half the teacher's. Row 1 has no votes: label 3 and teacher.
+    assert torch.allclose(target[0], torch.tensor([0.5, 0, 0, 0.5, 0, 0, 0]))
+    assert torch.allclose(target[1], torch.tensor([0, 0, 0, 0.625, 0, 0.375, 0]))
+    cfg.distill, cfg.soft_targets = 1.0, 0.0
+    assert torch.equal(_soft_target(y, None, teacher, idx, cfg), teacher)
+
+
+def test_distilling_a_teacher_into_a_student(fer_npz, tmp_path):
+    common = ["--data", str(fer_npz), "--epochs", "1", "--limit", "256", "--batch-size", "64"]
+    run_cli("train", "--arch", "small", "--out", str(tmp_path / "teacher"), *common, check=True)
+    teacher = tmp_path / "teacher" / "model.safetensors"
+    proc = run_cli("train", "--arch", "small", "--out", str(tmp_path / "x"), *common, "--distill", "0.5")
+    assert proc.returncode == 2 and "--distill needs --teacher" in proc.stderr and "Traceback" not in proc.stderr
+    out = tmp_path / "student"
+    run_cli("train", "--arch", "small", "--out", str(out), *common, "--distill", "0.7", "--teacher", str(teacher),
+            check=True)  # fmt: skip
+    assert f"teacher {teacher} (sha256 " in (out / "train.log").read_text()
+    assert f"--teacher {teacher}" in read_metadata(out / "model.safetensors")["command"]

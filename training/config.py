@@ -18,6 +18,10 @@ class TrainConfig:
     # Weight of the FER+ crowd's vote distribution in the target (0: FER2013's labels alone). FER2013's labels are
     # one annotator's; the ten FER+ votes per face say how ambiguous it is.
     soft_targets: float = 0.0
+    # Distillation: the weight of a trained model's class probabilities in the target (0: off), and that model (a
+    # shipped name, an ensemble's too, or a .safetensors path). It teaches what an ensemble knows to one small net.
+    distill: float = 0.0
+    teacher: str = ""
     ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and exported (0: off)
     seed: int = 0
     device: str = "auto"

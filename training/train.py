@@ -71,14 +71,33 @@ def _accuracy(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, amp:
     return float((predict_proba(net, torch.from_numpy(images), amp=amp).argmax(1).numpy() == labels).mean())
 
 
-def _soft_target(y: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor,
-                 cfg: TrainConfig) -> torch.Tensor:  # fmt: skip
-    """FER2013's label (smoothed), mixed with the FER+ vote distribution where the face has one."""
-    dist, has = soft[0][idx], soft[1][idx]
-    n_cls = dist.shape[1]
-    hard = F.one_hot(y, n_cls).float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / n_cls
-    w = cfg.soft_targets * has.float().unsqueeze(1)
-    return hard * (1 - w) + dist * w
+def _soft_target(y: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor] | None, teacher: torch.Tensor | None,
+                 idx: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:  # fmt: skip
+    """FER2013's label (smoothed), mixed with the FER+ vote distribution where the face has one, then with the
+    teacher's class probabilities."""
+    n_cls = soft[0].shape[1] if soft is not None else teacher.shape[1]  # type: ignore[union-attr]
+    target = F.one_hot(y, n_cls).float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / n_cls
+    if soft is not None:
+        dist, has = soft[0][idx], soft[1][idx]
+        w = cfg.soft_targets * has.float().unsqueeze(1)
+        target = target * (1 - w) + dist * w
+    if teacher is not None:
+        target = target * (1 - cfg.distill) + teacher[idx] * cfg.distill
+    return target
+
+
+def _teacher_probs(cfg: TrainConfig, images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The teacher's class probabilities for the training images as they are (before augmentation)."""
+    if not cfg.teacher:
+        raise FervidError("--distill needs --teacher (a shipped model name or a .safetensors path)")
+    from fervid.model.loader import load_model  # the loader only where a teacher is used
+
+    t0 = time.time()
+    teacher = load_model(cfg.teacher, device=device)
+    probs = teacher.predict_proba(torch.from_numpy(images), batch_size=512).to(device)
+    log.info("teacher %s (sha256 %s): %d training faces in %.0f s", cfg.teacher, teacher.sha256[:12], len(images),
+             time.time() - t0)  # fmt: skip
+    return probs
 
 
 def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) -> Path:
@@ -111,6 +130,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
         if cfg.limit:
             dist, has = dist[: cfg.limit], has[: cfg.limit]
         soft = (torch.from_numpy(dist).to(device), torch.from_numpy(has).to(device))
+    teacher = _teacher_probs(cfg, x_train, device) if cfg.distill else None
     x_train = torch.from_numpy(x_train).unsqueeze(1).to(device)
     y_train = torch.from_numpy(y_train).to(device)
 
@@ -174,10 +194,10 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
             y = y_train[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(x)
-            if soft is None:
+            if soft is None and teacher is None:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             else:
-                loss = F.cross_entropy(logits.float(), _soft_target(y, soft, idx, cfg))
+                loss = F.cross_entropy(logits.float(), _soft_target(y, soft, teacher, idx, cfg))
             if hasattr(net, "regularization_loss"):
                 loss = loss + net.regularization_loss()
             opt.zero_grad(set_to_none=True)
