@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from fervid.errors import FervidError
 from fervid.model.config import DEFAULT_MODEL
+from fervid.worker.settings import SMOOTH_METHODS, TIMELINE_FORMATS, Options, QueuePolicy, default
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -102,11 +103,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from fervid.worker import query
-    from fervid.worker.db import database_url, display_url, open_database
-    from fervid.worker.export import summarize, write_csv, write_json
-    from fervid.worker.jobs import analyze_video
-    from fervid.worker.pipeline import Analyzer
+    from fervid.worker import render
+    from fervid.worker.pipeline.frames_to_rows import Analyzer
+    from fervid.worker.queue.jobs import analyze_video
+    from fervid.worker.store import query
+    from fervid.worker.store.db import database_url, display_url, open_database
+    from fervid.worker.store.export import write_csv, write_json
+    from fervid.worker.store.schema import Status
 
     settings = _settings(args)
     url = database_url(args.db)
@@ -129,25 +132,26 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             print(f"{video}: FAILED: {e}")
             continue
         bar.close()
-        if job.status != "done":
+        if job.status != Status.DONE:
             failed += 1
             print(f"{video}: FAILED (job {job.id}): {job.error}")
             continue
         df = query.timeline(job.id, db=sessions)
         done.append((job, df))
-        summary = summarize(df)
-        top = sorted(summary["emotion_share"].items(), key=lambda kv: -kv[1])
+        summ = query.summary(job.id, db=sessions)
+        whole = summ["video"]
+        top = sorted(whole["dominant_share"].items(), key=lambda kv: -kv[1]) if whole else []
         share = ", ".join(f"{e} {v:.0%}" for e, v in top if v >= 0.005) or "no faces"
         print(f"{video}: job {job.id} done in {job.timings.get('wall', job.timings['total']):.1f} s")
-        print(f"  duration {job.duration_s or 0:.1f} s, {summary['frames_analyzed']} frames analysed "
-              f"({summary['frames_with_faces']} with faces), {summary['faces_found']} faces, "
-              f"{df['track'].nunique()} tracks")  # fmt: skip
+        print(f"  duration {job.duration_s or 0:.1f} s, {summ['frames_analyzed']} frames analysed "
+              f"({summ['frames_with_faces']} with faces), {whole['faces'] if whole else 0} faces, "
+              f"{len(summ['tracks'])} tracks")  # fmt: skip
         print(f"  emotions: {share}")
         if args.plot:
             out = Path(args.plot)
             if len(args.videos) > 1:
                 out = out.with_name(f"{out.stem}-{Path(video).stem}{out.suffix}")
-            query.plot(df, out, title=f"job {job.id}: {Path(video).name}")
+            render.plot(df, out, title=f"job {job.id}: {Path(video).name}")
             print(f"  plot: {out}")
     if args.csv and done:
         import pandas as pd
@@ -161,57 +165,39 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _note(df: object) -> None:
-    note = getattr(df, "attrs", {}).get("note")
+def _note(result: object) -> None:
+    """The partial-result note of a timeline or summary, on stderr (stdout may be the data itself)."""
+    from fervid.worker.store.query import partial_note
+
+    note = partial_note(result)
     if note:
         print(f"note: {note}", file=sys.stderr)
 
 
 def _cmd_timeline(args: argparse.Namespace) -> int:
-    from fervid.worker import query
-    from fervid.worker.export import ROUNDING
+    from fervid.worker.store import query
+    from fervid.worker.store.export import write_timeline
 
     df = query.timeline(args.job, track=args.track, start_s=args.start, end_s=args.end, smooth_s=args.smooth,
                         smooth_method=args.smooth_method, db=args.db)  # fmt: skip
     _note(df)
-    df = df.round(ROUNDING)
-    fmt = args.format
-    if fmt == "parquet":
-        if not args.out:
-            raise FervidError("--format parquet needs --out FILE")
-        df.to_parquet(args.out, index=False)
-    elif fmt == "csv":
-        df.to_csv(args.out or sys.stdout, index=False)
-    elif fmt == "json":
-        text = df.to_json(orient="records")
-        _write(text, args.out)
-    else:
-        _write(df.astype(object).where(df.notna(), "").to_string(index=False) + "\n", args.out)
+    n = write_timeline(df, args.out or sys.stdout, args.format)
     if args.out:
-        print(f"{len(df)} rows written to {args.out}", file=sys.stderr)
+        print(f"{n} rows written to {args.out}", file=sys.stderr)
     return 0
-
-
-def _write(text: str, out: str | None) -> None:
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
     import json
 
-    from fervid.worker import query
+    from fervid.worker.store import query
+    from fervid.worker.store.export import write_text
 
     summ = query.summary(args.job, db=args.db, window_s=args.window)
-    if summ["partial"]:
-        print(
-            f"note: job {args.job} is still {summ['status']}: this summary covers what exists so far", file=sys.stderr
-        )
+    _note(summ)
+    out = args.out or sys.stdout
     if args.format == "json":
-        _write(json.dumps(summ, indent=1) + "\n", args.out)
+        write_text(json.dumps(summ, indent=1) + "\n", out)
         return 0
     lines = [f"job {summ['job']}: {summ['path']} ({summ['status']}), {summ['frames_analyzed']} frames analysed"]
     if summ["video"] is None:
@@ -232,7 +218,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
             lines.append(f"  strongest change: {e} +{r['change']:.2f} at {_mmss(r['time_s'])}")
         lines.append("  by window: " + "; ".join(f"{_mmss(w['from_s'])}-{_mmss(w['to_s'])} {w['dominant']}"
                                                  for w in d["windows"]))  # fmt: skip
-    _write("\n".join(lines) + "\n", args.out)
+    write_text("\n".join(lines) + "\n", out)
     return 0
 
 
@@ -243,17 +229,18 @@ def _mmss(seconds: float) -> str:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fervid.worker import query
+    from fervid.worker import render
+    from fervid.worker.store import query
 
     if not args.out and not args.annotate_video:
         raise FervidError("give --out FILE.png and/or --annotate-video OUT.mp4")
     df = query.timeline(args.job, track=args.track, smooth_s=args.smooth, db=args.db)
     _note(df)
     if args.out:
-        query.plot(df, args.out, title=f"job {args.job}: {Path(df.attrs['path']).name}")
+        render.plot(df, args.out, title=f"job {args.job}: {Path(df.attrs['path']).name}")
         print(f"plot: {args.out}")
     if args.annotate_video:
-        n = query.annotate_video(args.job, Path(args.annotate_video), db=args.db)
+        n = render.annotate_video(args.job, Path(args.annotate_video), db=args.db)
         print(f"annotated video: {args.annotate_video} ({n} frames)")
     return 0
 
@@ -268,70 +255,54 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    import time
+    from fervid.worker.queue.client import SubmitResult, submit_videos, watch_jobs
+    from fervid.worker.store.db import sessions_for
+    from fervid.worker.store.schema import Status
 
-    from fervid.worker.db import open_database
-    from fervid.worker.jobs import expand_inputs, job_status, model_versions, submit
-    from fervid.worker.settings import validate_segment_s
-    from fervid.worker.tasks import send
-
-    settings = _settings(args)
-    if args.segment is not None:
-        validate_segment_s(args.segment)
-    sessions = open_database(args.db)
-    versions = model_versions(args.model)
+    submissions = submit_videos(args.videos, _settings(args), db=args.db, priority=args.priority,
+                                segment_s=args.segment, force=args.force)  # fmt: skip
     ids, failed, unsent = [], 0, 0
-    for path in expand_inputs(args.videos):
-        try:
-            sub_ = submit(sessions, path, settings, priority=args.priority, segment_s=args.segment,
-                          force=args.force, versions=versions)  # fmt: skip
-        except FervidError as e:
+    for sub in submissions:
+        n = sub.segments
+        if sub.result == SubmitResult.REFUSED:
             failed += 1
-            print(f"{path}: refused: {e}")
-            continue
-        n = len(sub_.segments)
-        if sub_.duplicate:
-            print(f"{path}: already submitted as job {sub_.job_id} ({sub_.status}); --force to redo it")
+            print(f"{sub.path}: refused: {sub.error}")
+        elif sub.result == SubmitResult.DUPLICATE:
+            print(f"{sub.path}: already submitted as job {sub.job_id} ({sub.status}); --force to redo it")
+        elif sub.result == SubmitResult.QUEUED:
+            print(f"{sub.path}: job {sub.job_id} queued ({n} segment{'s' * (n > 1)})")
         else:
-            try:
-                send(sessions, sub_.job_id, sub_.run, sub_.segments, args.priority)
-                print(f"{path}: job {sub_.job_id} queued ({n} segment{'s' * (n > 1)})")
-            except Exception as e:  # noqa: BLE001 - Redis is down: the job is recorded, the sweeper sends it
-                unsent += 1
-                print(f"{path}: job {sub_.job_id} recorded but not yet queued: the queue (FERVID_BROKER_URL) is "
-                      f"unreachable ({type(e).__name__}); a running `fervid worker` sends it when Redis is back")
-        ids.append(sub_.job_id)
+            unsent += 1
+            print(f"{sub.path}: job {sub.job_id} recorded but not yet queued: the queue (FERVID_BROKER_URL) is "
+                  f"unreachable ({sub.error}); a running `fervid worker` sends it when Redis is back")
+        if sub.recorded:
+            ids.append(sub.job_id)
     if args.wait and ids:
         from tqdm import tqdm
 
         bars = {}
-        while True:
-            with sessions() as s:
-                rows = job_status(s, ids)
+        for rows in watch_jobs(sessions_for(args.db), ids):
             for i, r in enumerate(rows):
                 if r["job"] not in bars:
                     bars[r["job"]] = tqdm(total=max(r["segments"], 1), desc=f"job {r['job']}", position=i,
                                           unit="seg", dynamic_ncols=True)  # fmt: skip
                 b = bars[r["job"]]
-                b.n = r["segments_done"] if r["state"] != "done" else b.total
+                b.n = r["segments_done"] if r["state"] != Status.DONE else b.total
                 b.set_postfix(state=r["state"], frames=r["frames"], refresh=False)
                 b.refresh()
-            if all(r["state"] in ("done", "failed") for r in rows):
-                break
-            time.sleep(1)
         for b in bars.values():
             b.close()
         for r in rows:
             print(f"job {r['job']}: {r['state']}" + (f": {r['error']}" if r["error"] else ""))
-        failed += sum(r["state"] == "failed" for r in rows)
+        failed += sum(r["state"] == Status.FAILED for r in rows)
     return 1 if failed or unsent else 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from fervid.worker.db import open_database
-    from fervid.worker.jobs import job_status
+    from fervid.worker.queue.jobs import job_status
+    from fervid.worker.store.db import open_database
 
     with open_database(args.db)() as s:
         rows = job_status(s, args.jobs or None, limit=args.limit)
@@ -351,26 +322,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_requeue(args: argparse.Namespace) -> int:
-    from fervid.worker.db import open_database
-    from fervid.worker.jobs import unfinished_segments
-    from fervid.worker.tasks import send
+    from fervid.worker.queue.client import requeue
+    from fervid.worker.store.db import open_database
 
-    sessions = open_database(args.db)
-    with sessions() as s:
-        todo = unfinished_segments(s, args.jobs or None)
-    by_job: dict[int, tuple[list[int], int, int]] = {}
-    for job_id, idx, run, priority in todo:
-        by_job.setdefault(job_id, ([], run, priority))[0].append(idx)
-    for job_id, (segments, run, priority) in by_job.items():
-        send(sessions, job_id, run, segments, priority)
-        print(f"job {job_id}: {len(segments)} unfinished segment{'s' * (len(segments) > 1)} queued again")
-    if not by_job:
+    sent = 0
+    for job_id, n in requeue(open_database(args.db), args.jobs or None):
+        sent += 1
+        print(f"job {job_id}: {n} unfinished segment{'s' * (n > 1)} queued again")
+    if not sent:
         print("no queued or running job has unfinished segments")
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from fervid.worker.supervisor import run
+    from fervid.worker.queue.supervisor import run
 
     return run(args.gpus, args.concurrency, args.loglevel)
 
@@ -383,8 +348,6 @@ def _device(name: str) -> str:
 
 def _job_options(p: argparse.ArgumentParser) -> None:
     """The analysis settings, with the defaults of worker.settings.Settings."""
-    from fervid.worker.settings import default
-
     p.add_argument("--fps", type=float, default=default("sample_fps"),
                    help="frames per second of video time to analyse (0 = every frame; default %(default)s)")
     p.add_argument("--start", type=float, default=default("start_s"), help="start of the time range, in seconds")
@@ -447,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="analyse videos in this process (embedded default: SQLite)")
     a.add_argument("videos", nargs="+", metavar="VIDEO")
     _job_options(a)
-    a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
-    a.add_argument("--batch-size", type=int, default=16, help="frames per batch")
+    a.add_argument("--device", default=default("device", Options), help="cpu, cuda, cuda:N or auto (CUDA when present)")
+    a.add_argument("--batch-size", type=int, default=default("batch_size", Options), help="frames per batch")
     a.add_argument("--db", help="SQLAlchemy database URL (default: FERVID_DATABASE_URL, else a SQLite file)")
     a.add_argument("--csv", metavar="FILE", help="write the timeline rows of all videos as CSV")
     a.add_argument("--json", metavar="FILE", help="write the jobs and their rows as JSON")
@@ -458,9 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("submit", help="queue videos for the workers (Redis + the database)")
     sb.add_argument("videos", nargs="+", metavar="VIDEO|GLOB|@LIST")
     _job_options(sb)
-    sb.add_argument("--priority", type=int, default=0, choices=range(10), metavar="0-9", help="9 runs first")
+    sb.add_argument("--priority", type=int, default=default("priority", Options), choices=range(10), metavar="0-9",
+                    help="9 runs first")  # fmt: skip
     sb.add_argument("--segment", type=float, default=None,
-                    help="seconds of video per task (default 60, FERVID_SEGMENT_S)")  # fmt: skip
+                    help=f"seconds of video per task (default {default('segment_s', QueuePolicy):g}, "
+                    "FERVID_SEGMENT_S)")  # fmt: skip
     sb.add_argument("--force", action="store_true", help="redo a video already submitted with these settings")
     sb.add_argument("--wait", action="store_true", help="show progress until the jobs end")
     sb.add_argument("--db")
@@ -468,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="table of jobs: state, progress, worker, timings, error")
     st.add_argument("jobs", nargs="*", type=int, metavar="JOB")
-    st.add_argument("--limit", type=int, default=50)
+    st.add_argument("--limit", type=int, default=default("status_limit", Options))
     st.add_argument("--json", action="store_true")
     st.add_argument("--db")
     st.set_defaults(func=_cmd_status)
@@ -481,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     wk = sub.add_parser("worker", help="start Celery workers: one per GPU, or CPU workers")
     wk.add_argument("--gpus", help="all, none, or a list like 0,1 (default: every GPU PyTorch sees)")
-    wk.add_argument("--concurrency", type=int, default=1, help="CPU worker processes when there is no GPU")
-    wk.add_argument("--loglevel", default="INFO")
+    wk.add_argument("--concurrency", type=int, default=default("concurrency", Options),
+                    help="CPU worker processes when there is no GPU")  # fmt: skip
+    wk.add_argument("--loglevel", default=default("loglevel", Options))
     wk.set_defaults(func=_cmd_worker)
 
     tl = sub.add_parser("timeline", help="a job's per-frame emotion timeline, per track")
@@ -491,9 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--from", dest="start", type=float, metavar="S", help="from this time (seconds)")
     tl.add_argument("--to", dest="end", type=float, metavar="S", help="up to this time (seconds)")
     tl.add_argument("--smooth", type=float, metavar="SECONDS", help="smooth probabilities over this much time")
-    tl.add_argument("--smooth-method", choices=["mean", "ema"], default="mean",
+    tl.add_argument("--smooth-method", choices=SMOOTH_METHODS, default=default("smooth_method", Options),
                     help="centred moving average, or exponential with --smooth as half-life")  # fmt: skip
-    tl.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    tl.add_argument("--format", choices=TIMELINE_FORMATS, default="table")
     tl.add_argument("--out", metavar="FILE")
     tl.add_argument("--db", help="SQLAlchemy database URL (default: FERVID_DATABASE_URL, else the SQLite file)")
     tl.set_defaults(func=_cmd_timeline)
@@ -501,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     su = sub.add_parser("summary", help="per track and whole-video emotion summary of a job")
     su.add_argument("job", type=int)
     su.add_argument("--format", choices=["table", "json"], default="table")
-    su.add_argument("--window", type=float, default=5.0, help="seconds per window of the dominant-emotion list")
+    su.add_argument("--window", type=float, default=default("window_s", Options),
+                    help="seconds per window of the dominant-emotion list")  # fmt: skip
     su.add_argument("--out", metavar="FILE")
     su.add_argument("--db")
     su.set_defaults(func=_cmd_summary)

@@ -27,8 +27,8 @@ from pathlib import Path
 import psycopg
 from sqlalchemy import select
 
-from fervid.worker.db import open_database
-from fervid.worker.schema import Job, Segment
+from fervid.worker.store.db import open_database
+from fervid.worker.store.schema import Job, Segment, Status
 from scripts.bench_models import command_line, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def main() -> None:
         with open_database(db)() as s:
             jobs = s.scalars(select(Job)).all()
             segs = s.scalars(select(Segment)).all()
-        assert all(j.status == "done" for j in jobs), [j.error for j in jobs]
+        assert all(j.status == Status.DONE for j in jobs), [j.error for j in jobs]
         frames = sum(j.frames_analyzed for j in jobs)
         compute = sum(sg.timings["compute"] for sg in segs)
         held = sum((sg.finished_at - sg.started_at).total_seconds() for sg in segs)

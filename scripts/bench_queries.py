@@ -18,9 +18,9 @@ import time
 import numpy as np
 from sqlalchemy import insert, text
 
-from fervid.worker import query
-from fervid.worker.db import open_database
-from fervid.worker.schema import EMOTIONS, Face, Frame, Job
+from fervid.worker.store import query
+from fervid.worker.store.db import open_database
+from fervid.worker.store.schema import EMOTIONS, Face, Frame, Job, Status
 from scripts.bench_models import command_line
 
 TRACKS, FPS = 4, 25.0
@@ -31,7 +31,7 @@ def fill(sessions, n_rows: int) -> int:
     n_frames = n_rows // TRACKS
     with sessions.begin() as s:
         job = Job(job_key=f"bench-{n_rows}", path="/bench/synthetic.mp4", size_bytes=0, sha256="0" * 64,
-                  status="done", sample_fps=FPS, model="small", model_sha256="-", detector="-", fps=FPS,
+                  status=Status.DONE, sample_fps=FPS, model="small", model_sha256="-", detector="-", fps=FPS,
                   duration_s=n_frames / FPS, frames_analyzed=n_frames, faces_found=n_rows)  # fmt: skip
         s.add(job)
         s.flush()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fervid.model.loader import load_model
 from fervid.model.retinaface import load_retinaface
 from fervid.training.data import load_fer2013
-from fervid.worker.crops import align_faces
+from fervid.worker.pipeline.crops import align_faces
 
 MARGINS = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2)
 PHOTO_LABELS = {"su": "Surprise", "hao": "Happy", "anc": "Angry", "di": "Disgust"}

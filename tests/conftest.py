@@ -1,14 +1,19 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FERVID_SHARED", ROOT.parent / "shared"))
+T = TypeVar("T")
 
 
 def shared_path(*parts: str) -> Path:
@@ -22,6 +27,50 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def fer_npz() -> Path:
     return shared_path("data", "fer2013", "fer2013.npz")
+
+
+def ffmpeg(*args: str) -> None:
+    """Run the ffmpeg of imageio-ffmpeg (a dev dependency): odd videos made on the spot."""
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on (for a server a test starts, or one that must be refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """The first true value of `condition()`, polled until `timeout` seconds have passed; fails the test after."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(interval)
+
+
+def row_counts(sessions, job_id: int) -> tuple[int, int]:  # noqa: ANN001
+    """(frames, faces) stored for a job."""
+    from sqlalchemy import func, select
+
+    from fervid.worker.store.schema import Face, Frame
+
+    with sessions() as s:
+        return tuple(s.scalar(select(func.count()).select_from(t).where(t.job_id == job_id)) for t in (Frame, Face))
+
+
+@pytest.fixture(scope="session")
+def analyzer():  # noqa: ANN201
+    """The shipped default model and the detector on the CPU, loaded once for the whole run."""
+    from fervid.worker.pipeline.frames_to_rows import Analyzer
+
+    return Analyzer("small", "cpu")
 
 
 def run_cli(*args: str, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:

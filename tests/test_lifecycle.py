@@ -14,32 +14,28 @@ import time
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
 
 from fervid.errors import FervidError
-from fervid.worker import jobs as jobs_mod
-from fervid.worker.db import open_database, retry_delays, with_db_retry
-from fervid.worker.jobs import (
+from fervid.worker.pipeline.frames_to_rows import SegmentRows, StageTimes
+from fervid.worker.queue import jobs as jobs_mod
+from fervid.worker.queue.jobs import (
+    Outcome,
     claim_segment,
     commit_segment,
     run_segment,
     segment_bounds,
     submit,
 )
-from fervid.worker.pipeline import Analyzer, SegmentRows, StageTimes
-from fervid.worker.schema import Face, Frame, Job, Segment
+from fervid.worker.queue.sweeper import finish_stuck, reclaim_expired, unsent
 from fervid.worker.settings import QueuePolicy, Settings
-from fervid.worker.sweeper import finish_stuck, reclaim_expired, unsent
-from tests.conftest import run_cli, shared_path
+from fervid.worker.store.db import open_database, retry_delays, with_db_retry
+from fervid.worker.store.schema import Face, Job, Segment, Status
+from tests.conftest import ROOT, free_port, row_counts, run_cli, shared_path, wait_for
 
 CLIP = "pyfeat_single_face.mp4"  # 2.4 s, one face: 12 frames at 5 fps; 3 segments of 1 s
 POLICY = QueuePolicy()
-
-
-@pytest.fixture(scope="module")
-def analyzer() -> Analyzer:
-    return Analyzer("small", "cpu")
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -70,11 +66,6 @@ def _job(sessions, job_id) -> Job:
         return s.get(Job, job_id)
 
 
-def _counts(sessions, job_id) -> tuple[int, int]:
-    with sessions() as s:
-        return tuple(s.scalar(select(func.count()).select_from(t).where(t.job_id == job_id)) for t in (Frame, Face))
-
-
 def _expire(sessions, job_id, idx) -> None:
     with sessions.begin() as s:
         s.execute(update(Segment).where(Segment.job_id == job_id, Segment.idx == idx)
@@ -84,9 +75,9 @@ def _expire(sessions, job_id, idx) -> None:
 def test_a_job_runs_through_its_segments(sessions, analyzer):
     sub = _submit(sessions)
     assert len(sub.segments) == 3 and sub.run == 1
-    assert _run_all(sessions, sub, analyzer) == ["done"] * 3
+    assert _run_all(sessions, sub, analyzer) == [Outcome.DONE] * 3
     job = _job(sessions, sub.job_id)
-    assert job.status == "done" and _counts(sessions, sub.job_id) == (12, 12)
+    assert job.status == Status.DONE and row_counts(sessions, sub.job_id) == (12, 12)
     assert job.frames_analyzed == 12 and job.timings["tracks"] == 1
     with sessions() as s:
         assert set(s.scalars(select(Face.track).where(Face.job_id == sub.job_id))) == {0}
@@ -95,7 +86,7 @@ def test_a_job_runs_through_its_segments(sessions, analyzer):
 def _unfinish(sessions, job_id) -> None:
     """The state an interrupted finish leaves: every segment done, the job still running, no tracks."""
     with sessions.begin() as s:
-        s.execute(update(Job).where(Job.id == job_id).values(status="running", finished_at=None, timings=None))
+        s.execute(update(Job).where(Job.id == job_id).values(status=Status.RUNNING, finished_at=None, timings=None))
         s.execute(update(Face).where(Face.job_id == job_id).values(track=None))
 
 
@@ -104,13 +95,13 @@ def test_an_interrupted_finish_is_completed_by_a_redelivery_or_the_sweeper(sessi
     _run_all(sessions, sub, analyzer)
     _unfinish(sessions, sub.job_id)
     # A redelivered message of the last segment finds it done, and finishes the job instead of returning.
-    assert run_segment(sessions, sub.job_id, 2, sub.run, lambda _m, _s: analyzer, POLICY) == "done"
+    assert run_segment(sessions, sub.job_id, 2, sub.run, lambda _m, _s: analyzer, POLICY) == Outcome.DONE
     job = _job(sessions, sub.job_id)
-    assert job.status == "done" and job.timings["tracks"] == 1
+    assert job.status == Status.DONE and job.timings["tracks"] == 1
     # With no message left at all, the sweeper finds it.
     _unfinish(sessions, sub.job_id)
     assert finish_stuck(sessions) == [sub.job_id]
-    assert _job(sessions, sub.job_id).status == "done" and finish_stuck(sessions) == []
+    assert _job(sessions, sub.job_id).status == Status.DONE and finish_stuck(sessions) == []
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(Face).where(Face.job_id == sub.job_id,
                                                                     Face.track.is_(None))) == 0  # fmt: skip
@@ -123,26 +114,26 @@ def test_messages_of_an_older_run_are_dropped(sessions, analyzer):
     second = _submit(sessions, force=True)  # submit --force: a new run of the same job
     assert second.job_id == first.job_id and second.run == first.run + 1
     # A queued message of the old run does nothing...
-    assert run_segment(sessions, first.job_id, 1, first.run, lambda _m, _s: analyzer, POLICY) == "stale"
+    assert run_segment(sessions, first.job_id, 1, first.run, lambda _m, _s: analyzer, POLICY) == Outcome.STALE
     # ...and the old task's write is discarded: it neither writes its rows nor marks the new run's segment done.
     rows = SegmentRows()
     rows.add([0], [0.0], [])
-    assert commit_segment(sessions, old, rows, StageTimes(), POLICY) == "stale"
-    assert _counts(sessions, first.job_id) == (0, 0)
+    assert commit_segment(sessions, old, rows, StageTimes(), POLICY) == Outcome.STALE
+    assert row_counts(sessions, first.job_id) == (0, 0)
     with sessions() as s:
-        assert {sg.status for sg in s.scalars(select(Segment).where(Segment.job_id == first.job_id))} == {"queued"}
-    assert _run_all(sessions, second, analyzer) == ["done"] * 3
-    assert _job(sessions, first.job_id).status == "done" and _counts(sessions, first.job_id) == (12, 12)
+        assert {sg.status for sg in s.scalars(select(Segment).where(Segment.job_id == first.job_id))} == {Status.QUEUED}
+    assert _run_all(sessions, second, analyzer) == [Outcome.DONE] * 3
+    assert _job(sessions, first.job_id).status == Status.DONE and row_counts(sessions, first.job_id) == (12, 12)
 
 
 def test_a_failed_job_never_turns_back(sessions, analyzer):
     sub = _submit(sessions)
     claim = claim_segment(sessions, sub.job_id, 0, sub.run, POLICY)
-    assert jobs_mod.fail_segment(sessions, claim, "a bad frame", POLICY) == "failed"
-    assert run_segment(sessions, sub.job_id, 1, sub.run, lambda _m, _s: analyzer, POLICY) == "skipped"
+    assert jobs_mod.fail_segment(sessions, claim, "a bad frame", POLICY) == Outcome.FAILED
+    assert run_segment(sessions, sub.job_id, 1, sub.run, lambda _m, _s: analyzer, POLICY) == Outcome.SKIPPED
     assert finish_stuck(sessions) == []
     job = _job(sessions, sub.job_id)
-    assert job.status == "failed" and job.error == "a bad frame"
+    assert job.status == Status.FAILED and job.error == "a bad frame"
 
 
 def test_a_lease_taken_over_discards_the_old_attempt(sessions, analyzer):
@@ -150,11 +141,11 @@ def test_a_lease_taken_over_discards_the_old_attempt(sessions, analyzer):
     slow = claim_segment(sessions, sub.job_id, 0, sub.run, POLICY)  # a worker that stopped renewing its lease
     _expire(sessions, sub.job_id, 0)
     assert reclaim_expired(sessions, POLICY) == [(sub.job_id, sub.run, 0)]
-    assert _run_all(sessions, sub, analyzer) == ["done"] * 3
+    assert _run_all(sessions, sub, analyzer) == [Outcome.DONE] * 3
     rows = SegmentRows()
     rows.add([0], [0.0], [])
-    assert commit_segment(sessions, slow, rows, StageTimes(), POLICY) == "superseded"
-    assert _counts(sessions, sub.job_id) == (12, 12)
+    assert commit_segment(sessions, slow, rows, StageTimes(), POLICY) == Outcome.SUPERSEDED
+    assert row_counts(sessions, sub.job_id) == (12, 12)
     with sessions() as s:
         seg = s.get(Segment, (sub.job_id, 0))
         assert seg.deaths == 1 and seg.attempts == 2
@@ -164,9 +155,9 @@ def test_a_live_lease_is_not_taken_and_a_dead_owner_is(sessions, analyzer):
     sub = _submit(sessions)
     with sessions.begin() as s:  # another machine's process, lease still running: a duplicate message waits
         s.execute(update(Segment).where(Segment.job_id == sub.job_id, Segment.idx == 0).values(
-            status="running", lease_owner="elsewhere:1", attempts=1,
+            status=Status.RUNNING, lease_owner="elsewhere:1", attempts=1,
             lease_until=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)))  # fmt: skip
-    assert claim_segment(sessions, sub.job_id, 0, sub.run, POLICY) == "duplicate"
+    assert claim_segment(sessions, sub.job_id, 0, sub.run, POLICY) == Outcome.DUPLICATE
     import socket
 
     with sessions.begin() as s:  # a process of this machine that no longer exists: taken over at once
@@ -186,7 +177,7 @@ def test_the_third_death_fails_the_job_with_the_reason(sessions):
         sent = reclaim_expired(sessions, POLICY)
         assert sent == ([(sub.job_id, sub.run, 1)] if death < 3 else [])
     job = _job(sessions, sub.job_id)
-    assert job.status == "failed"
+    assert job.status == Status.FAILED
     assert job.error.startswith("the worker died 3 times on segment 1 (0:01–0:02)"), job.error
     assert POLICY.max_deaths == 3
 
@@ -207,16 +198,22 @@ def test_two_submits_at_once_make_one_job(pg_sessions, monkeypatch):
     says "already submitted" (it used to raise IntegrityError and drop the rest of its batch)."""
     add = jobs_mod._add_segments
 
-    def slow_add(*args, **kwargs):  # hold the first transaction open while the second one starts
-        time.sleep(1.0)
+    def waiting_for_a_lock() -> bool:
+        with pg_sessions() as s:
+            return bool(s.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                      "AND datname = current_database()")))  # fmt: skip
+
+    def held_add(*args, **kwargs):
+        # Only the submit that created the job row gets here (the other one waits on that row's key): its
+        # transaction stays open until the other submit is seen waiting for it.
+        wait_for(waiting_for_a_lock, 60, "the second submit waiting for the first one's transaction")
         return add(*args, **kwargs)
 
-    monkeypatch.setattr(jobs_mod, "_add_segments", slow_add)
+    monkeypatch.setattr(jobs_mod, "_add_segments", held_add)
     results = []
     threads = [threading.Thread(target=lambda: results.append(_submit(pg_sessions))) for _ in range(2)]
     for t in threads:
         t.start()
-        time.sleep(0.3)
     for t in threads:
         t.join()
     assert sorted(r.duplicate for r in results) == [False, True]
@@ -319,11 +316,14 @@ def test_the_lease_is_renewed_while_the_segment_runs_and_lost_when_taken(session
     lease = jobs_mod.Lease(sessions, claim, dataclasses.replace(POLICY, heartbeat_s=0.2))
     lease.progress = (7, 3)
     lease.start()
-    try:
-        time.sleep(0.8)
+
+    def renewed() -> bool:
         with sessions() as s:
             seg = s.get(Segment, (sub.job_id, 0))
-            assert seg.lease_until > first and (seg.frames, seg.faces) == (7, 3)
+            return seg.lease_until > first and (seg.frames, seg.faces) == (7, 3)
+
+    try:
+        wait_for(renewed, 10, "the lease renewed, with the progress")
         assert not lease.lost.is_set()
         with sessions.begin() as s:  # judged dead and started elsewhere meanwhile
             s.execute(update(Segment).where(Segment.job_id == sub.job_id, Segment.idx == 0)
@@ -336,13 +336,9 @@ def test_the_lease_is_renewed_while_the_segment_runs_and_lost_when_taken(session
 def test_a_worker_waits_for_a_database_that_is_not_up_yet():
     """A worker started before its database (a deploy, a restart) retries with backoff instead of failing the
     message it holds; after the policy's time it gives up with a one-line reason."""
-    import socket
+    from fervid.worker.store.db import DatabaseUnavailable, open_database_waiting
 
-    from fervid.worker.db import DatabaseUnavailable, open_database_waiting
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    port = free_port()
     t0 = time.monotonic()
     with pytest.raises(DatabaseUnavailable, match="is unreachable"):
         open_database_waiting(dataclasses.replace(QueuePolicy(), db_retry_s=2.0),
@@ -354,8 +350,6 @@ def test_a_worker_without_media_roots_refuses_to_start():
     import os
     import subprocess
     import sys
-
-    from tests.conftest import ROOT
 
     env = {k: v for k, v in os.environ.items() if k != "FERVID_MEDIA_ROOTS"}
     proc = subprocess.run([sys.executable, "-m", "fervid.cli", "worker", "--gpus", "none"], cwd=ROOT, env=env,

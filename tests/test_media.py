@@ -14,17 +14,11 @@ import cv2
 import pytest
 
 from fervid.errors import FervidError
-from fervid.worker import media as media_mod
-from fervid.worker import video as video_mod
-from fervid.worker.media import check_media_path, is_video_container, open_media
-from fervid.worker.video import MAX_FRAME_PIXELS, FrameBatches, iter_frames, probe
-from tests.conftest import ROOT, shared_path
-
-
-def ffmpeg(*args: str) -> None:
-    import imageio_ffmpeg
-
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", *args], check=True)
+from fervid.worker.pipeline import media as media_mod
+from fervid.worker.pipeline import video as video_mod
+from fervid.worker.pipeline.media import check_media_path, is_video_container, open_media
+from fervid.worker.pipeline.video import MAX_FRAME_PIXELS, FrameBatches, iter_frames, probe
+from tests.conftest import ROOT, ffmpeg, shared_path
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +219,7 @@ def huge(tmp_path_factory):
 
 REFUSE_HUGE = """
 import json, sys
-from fervid.worker.video import iter_frames, probe
+from fervid.worker.pipeline.video import iter_frames, probe
 errors = []
 for call in (lambda: probe(sys.argv[1]), lambda: list(iter_frames(sys.argv[1], 5))):
     try:

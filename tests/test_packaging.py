@@ -44,14 +44,16 @@ def test_the_wheel_imports_beside_a_users_own_model_worker_and_training(tmp_path
     for name in ("model", "worker", "training"):
         (work / f"{name}.py").write_text(USER_MODULE.format(name=name))
     probe = (
-        "import fervid, fervid.api, fervid.model.loader, fervid.worker.jobs, fervid.worker.tasks\n"
-        "import fervid.training.train\n"
+        "import fervid, fervid.api, fervid.model.loader, fervid.training.train\n"
+        "import fervid.worker.pipeline.frames_to_rows, fervid.worker.store.rows, fervid.worker.render\n"
+        "import fervid.worker.queue.client, fervid.worker.queue.supervisor, fervid.worker.queue.sweeper\n"
         "import model, worker, training\n"  # the user's own still import, and exit: run it last
     )
     proc = subprocess.run([py, "-c", probe], cwd=work, capture_output=True, text=True, timeout=300)
     assert "the user's own model.py was imported" in proc.stderr, proc.stderr  # fervid's imports all passed first
     proc = subprocess.run(
-        [py, "-c", "import fervid.model, fervid.worker.db as d; print(fervid.model.__file__); print(d.MIGRATIONS)"],
+        [py, "-c", "import fervid.model, fervid.worker.store.db as d; print(fervid.model.__file__); "
+         "print(d.MIGRATIONS)"],
         cwd=work, capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     model_init, migrations = proc.stdout.split()

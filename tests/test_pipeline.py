@@ -11,25 +11,13 @@ import numpy as np
 import pytest
 from sqlalchemy import func, inspect, select
 
-from fervid.worker.db import make_engine, migrate, open_database
-from fervid.worker.export import CSV_COLUMNS
-from fervid.worker.jobs import analyze_video
-from fervid.worker.pipeline import Analyzer
-from fervid.worker.query import timeline
-from fervid.worker.schema import Face, Frame, Job
+from fervid.worker.queue.jobs import analyze_video
 from fervid.worker.settings import Settings
-from tests.conftest import run_cli, shared_path
-
-
-def ffmpeg(*args: str) -> None:
-    import imageio_ffmpeg
-
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
-
-
-@pytest.fixture(scope="module")
-def analyzer() -> Analyzer:
-    return Analyzer("small", "cpu")
+from fervid.worker.store.db import make_engine, migrate, open_database
+from fervid.worker.store.export import CSV_COLUMNS
+from fervid.worker.store.query import timeline
+from fervid.worker.store.schema import EMOTIONS, Job, Status
+from tests.conftest import ffmpeg, row_counts, run_cli, shared_path
 
 
 @pytest.fixture
@@ -46,11 +34,6 @@ def _rows(sessions, job_id) -> list[dict]:
     return df.where(df.notna(), None).to_dict("records")
 
 
-def count(sessions, table, job_id) -> int:
-    with sessions() as s:
-        return s.scalar(select(func.count()).select_from(table).where(table.job_id == job_id))
-
-
 def test_analyze_cli_writes_csv_json_and_plot(tmp_path):
     out = tmp_path
     db = f"sqlite:///{out / 'db.sqlite'}"
@@ -64,13 +47,13 @@ def test_analyze_cli_writes_csv_json_and_plot(tmp_path):
     assert len(rows) == 24  # 2.4 s at 10 fps, one face in each frame
     assert all(r["face"] == "0" for r in rows)
     for r in rows:
-        probs = [float(r[c]) for c in CSV_COLUMNS[9:16]]
-        assert abs(sum(probs) - 1) < 1e-3 and r["emotion"] == CSV_COLUMNS[9 + int(np.argmax(probs))]
+        probs = [float(r[e]) for e in EMOTIONS]
+        assert abs(sum(probs) - 1) < 1e-3 and r["emotion"] == EMOTIONS[int(np.argmax(probs))]
     times = [float(r["time_s"]) for r in rows]
     assert times == sorted(times) and times[0] == 0.0 and abs(times[1] - 0.1) < 0.02
     doc = json.loads((out / "t.json").read_text())
     job = doc["jobs"][0]
-    assert job["status"] == "done" and job["width"] == 640 and job["height"] == 360 and len(job["rows"]) == 24
+    assert job["status"] == Status.DONE and job["width"] == 640 and job["height"] == 360 and len(job["rows"]) == 24
     assert job["model"] == "small" and job["detector"].startswith("retinaface")
     assert set(job["timings"]) >= {"decode", "detect", "crop", "classify", "write", "total"}
     assert (out / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -79,20 +62,20 @@ def test_analyze_cli_writes_csv_json_and_plot(tmp_path):
 def test_rerun_replaces_rows(sessions, analyzer):
     settings = Settings(sample_fps=5)
     first = analyze_video(clip("pyfeat_single_face.mp4"), settings, sessions, analyzer)
-    n_frames, n_faces = count(sessions, Frame, first.id), count(sessions, Face, first.id)
-    assert first.status == "done" and n_frames == 12 and n_faces == 12
+    n_frames, n_faces = row_counts(sessions, first.id)
+    assert first.status == Status.DONE and n_frames == 12 and n_faces == 12
     again = analyze_video(clip("pyfeat_single_face.mp4"), settings, sessions, analyzer)
     assert again.id == first.id
-    assert (count(sessions, Frame, first.id), count(sessions, Face, first.id)) == (n_frames, n_faces)
+    assert row_counts(sessions, first.id) == (n_frames, n_faces)
     other = analyze_video(clip("pyfeat_single_face.mp4"), Settings(sample_fps=2), sessions, analyzer)
-    assert other.id != first.id and count(sessions, Frame, other.id) == 5
+    assert other.id != first.id and row_counts(sessions, other.id)[0] == 5
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(Job)) == 2
 
 
 def test_noface_then_face_hevc(sessions, analyzer):
     job = analyze_video(clip("pyfeat_noface_face.mov"), Settings(sample_fps=5), sessions, analyzer)
-    assert job.status == "done" and job.codec == "hevc"
+    assert job.status == Status.DONE and job.codec == "hevc"
     rows = _rows(sessions, job.id)
     first_half = [r for r in rows if r["time_s"] < 2.5]
     last_part = [r for r in rows if r["time_s"] > 4.5]
@@ -114,7 +97,7 @@ def test_two_faces_side_by_side(tmp_path, sessions, analyzer):
            "-filter_complex", "[0:v][1:v]hstack=inputs=2:shortest=1", "-c:v", "libx264", "-preset", "ultrafast",
            str(two))  # fmt: skip
     job = analyze_video(two, Settings(sample_fps=10), sessions, analyzer)
-    assert job.status == "done" and job.width == 1280
+    assert job.status == Status.DONE and job.width == 1280
     rows = _rows(sessions, job.id)
     frames = sorted({r["frame"] for r in rows})
     assert len(frames) >= 20
@@ -132,9 +115,9 @@ def test_rotated_phone_video(tmp_path, sessions, analyzer):
            str(sideways))  # fmt: skip
     ffmpeg("-display_rotation", "90", "-i", str(sideways), "-c", "copy", str(rotated))
     job = analyze_video(rotated, Settings(sample_fps=5), sessions, analyzer)
-    assert job.status == "done"
+    assert job.status == Status.DONE
     assert (job.width, job.height) == (640, 360)  # the frames as displayed, upright
-    assert count(sessions, Face, job.id) == count(sessions, Frame, job.id) == 12
+    assert row_counts(sessions, job.id) == (12, 12)
 
 
 def test_4k_frames(tmp_path, sessions, analyzer):
@@ -142,7 +125,7 @@ def test_4k_frames(tmp_path, sessions, analyzer):
     ffmpeg("-i", str(clip("pyfeat_single_face.mp4")), "-t", "1", "-vf", "scale=3840:2160", "-c:v", "libx264",
            "-preset", "ultrafast", str(big))  # fmt: skip
     job = analyze_video(big, Settings(sample_fps=5), sessions, analyzer)
-    assert job.status == "done" and job.width == 3840
+    assert job.status == Status.DONE and job.width == 3840
     rows = _rows(sessions, job.id)
     assert len(rows) == 5 and all(r["face"] == 0 for r in rows)
     assert all(r["x2"] - r["x1"] > 600 for r in rows)  # a ~150 px face in 640x360 is ~900 px in 4K
@@ -158,15 +141,15 @@ def test_frame_count_that_lies(tmp_path, sessions, analyzer):
                         str(clip("pyfeat_single_face.mp4")), "-c", "copy", "-f", "matroska", "pipe:1"],
                        stdout=f, check=True)  # fmt: skip
     job = analyze_video(mkv, Settings(sample_fps=0), sessions, analyzer)
-    assert job.status == "done"
-    assert count(sessions, Frame, job.id) == 72 and count(sessions, Face, job.id) == 72
+    assert job.status == Status.DONE
+    assert row_counts(sessions, job.id) == (72, 72)
 
 
 def _fails(path, sessions, analyzer, *needles: str) -> Job:
     job = analyze_video(path, Settings(), sessions, analyzer)
-    assert job.status == "failed"
+    assert job.status == Status.FAILED
     assert job.error and "\n" not in job.error and all(n in job.error for n in needles), job.error
-    assert count(sessions, Frame, job.id) == 0
+    assert row_counts(sessions, job.id)[0] == 0
     return job
 
 
@@ -202,10 +185,10 @@ def test_truncated_clip(tmp_path, sessions, analyzer):
     cut = tmp_path / "truncated.mp4"
     cut.write_bytes(data[: len(data) // 3])  # the index (moov) is at the front: a third of the frames decode
     job = analyze_video(cut, Settings(), sessions, analyzer)
-    assert job.status == "failed", "a truncated file must not look complete"
+    assert job.status == Status.FAILED, "a truncated file must not look complete"
     assert "truncated.mp4" in job.error and "truncated or corrupt" in job.error and "of 19.7 s" in job.error
     # A segment's rows are written with the segment, in one transaction: a failed segment leaves none behind.
-    assert count(sessions, Frame, job.id) == 0 and job.frames_analyzed == 0
+    assert row_counts(sessions, job.id)[0] == 0 and job.frames_analyzed == 0
 
 
 def test_truncated_before_the_first_frame(tmp_path, sessions, analyzer):
@@ -239,9 +222,9 @@ def test_schema_from_migrations(backend, tmp_path, pg_url):
 def test_pipeline_on_postgresql(pg_url, analyzer):
     sessions = open_database(pg_url)
     job = analyze_video(clip("pyfeat_single_face.mp4"), Settings(sample_fps=5), sessions, analyzer)
-    assert job.status == "done" and count(sessions, Face, job.id) == 12
+    assert job.status == Status.DONE and row_counts(sessions, job.id)[1] == 12
     again = analyze_video(clip("pyfeat_single_face.mp4"), Settings(sample_fps=5), sessions, analyzer)
-    assert again.id == job.id and count(sessions, Face, job.id) == 12
+    assert again.id == job.id and row_counts(sessions, job.id)[1] == 12
 
 
 def test_she_smiles_at_the_end(tmp_path):

@@ -9,18 +9,16 @@ import pandas as pd
 import pytest
 
 from fervid import api
-from fervid.worker.db import open_database
-from fervid.worker.export import CSV_COLUMNS
-from fervid.worker.jobs import analyze_video
-from fervid.worker.pipeline import Analyzer
-from fervid.worker.schema import EMOTIONS, Face, Frame, Job
+from fervid.worker.queue.jobs import analyze_video
 from fervid.worker.settings import Settings
-from tests.conftest import run_cli, shared_path
-from tests.test_pipeline import ffmpeg
+from fervid.worker.store.db import open_database
+from fervid.worker.store.export import CSV_COLUMNS
+from fervid.worker.store.schema import EMOTIONS, Face, Frame, Job, Status
+from tests.conftest import ffmpeg, run_cli, shared_path
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory):
+def db(tmp_path_factory, analyzer):
     """A database holding a real two-person job, and synthetic running and failed jobs."""
     tmp = tmp_path_factory.mktemp("query")
     url = f"sqlite:///{tmp / 'q.db'}"
@@ -30,12 +28,13 @@ def db(tmp_path_factory):
            "-i", str(shared_path("videos", "pyfeat_WolfgangLanger_Pexels.mp4")),
            "-filter_complex", "[1:v][0:v]hstack=inputs=2:shortest=1", "-c:v", "libx264", "-preset", "ultrafast",
            str(two))  # fmt: skip
-    job = analyze_video(two, Settings(sample_fps=10), sessions, Analyzer("small", "cpu"))
-    assert job.status == "done"
+    job = analyze_video(two, Settings(sample_fps=10), sessions, analyzer)
+    assert job.status == Status.DONE
     with sessions.begin() as s:
         common = dict(size_bytes=1, sha256="0" * 64, sample_fps=4.0, model="small", model_sha256="x", detector="d")
-        running = Job(job_key="running", path="/v/running.mp4", status="running", frames_analyzed=3, **common)
-        failed = Job(job_key="failed", path="/v/bad.mp4", status="failed", error="/v/bad.mp4: not a video", **common)
+        running = Job(job_key="running", path="/v/running.mp4", status=Status.RUNNING, frames_analyzed=3, **common)
+        failed = Job(job_key="failed", path="/v/bad.mp4", status=Status.FAILED, error="/v/bad.mp4: not a video",
+                     **common)  # fmt: skip
         s.add_all([running, failed])
         s.flush()
         # Uneven sampling: frames at 0, 0.1, 0.2 and 3.0 s; happy jumps from 0 to 1 at 0.2 s.
@@ -115,6 +114,7 @@ def test_summary(db):
         assert t["time_on_screen_s"] == pytest.approx(t["faces"] / 10)
         assert set(t["peaks"]) == set(EMOTIONS) and t["windows"]
     assert s["video"]["faces"] == sum(t["faces"] for t in s["tracks"].values())
+    assert s["frames_with_faces"] == s["frames_analyzed"] > 0  # both people in every frame
     text = cli(db, "summary", str(db["two"])).stdout
     assert "track 0" in text and "track 1" in text and "dominant" in text and "peaks" in text
 
@@ -153,6 +153,15 @@ def test_running_job_shows_partial_timeline(db):
     assert proc.returncode == 0 and "still running" in proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 5
     assert "still running" in cli(db, "summary", str(db["running"])).stderr
+    # Timelines and summaries mark a partial result the same way, and say so in one line.
+    df, summ = api.timeline(db["running"], db=db["url"]), api.summary(db["running"], db=db["url"])
+    for result in (df.attrs, summ):
+        assert (result["job"], result["status"], result["partial"]) == (db["running"], Status.RUNNING, True)
+    assert api.partial_note(df) == f"job {db['running']} is still running: the timeline so far (3 frames)"
+    assert api.partial_note(summ) == f"job {db['running']} is still running: this summary covers what exists so far"
+    done = api.timeline(db["two"], db=db["url"])
+    assert done.attrs["partial"] is False and api.partial_note(done) is None
+    assert api.partial_note(api.summary(db["two"], db=db["url"])) is None
 
 
 def test_smoothing_a_range_uses_the_frames_around_it(db):

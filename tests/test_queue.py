@@ -19,19 +19,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
-from fervid.worker.db import open_database
-from fervid.worker.schema import EMOTIONS, Face, Frame, Job, Segment
+from fervid.worker.queue.supervisor import threads_per_worker
 from fervid.worker.settings import Settings
-from fervid.worker.supervisor import threads_per_worker
-from tests.conftest import ROOT, shared_path
+from fervid.worker.store.db import open_database
+from fervid.worker.store.schema import EMOTIONS, ENDED, Face, Frame, Job, Segment, Status
+from tests.conftest import ROOT, free_port, row_counts, shared_path, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -161,17 +155,11 @@ class Cluster:
         while time.time() < deadline:
             with self.sessions() as s:
                 jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(job_ids)))}
-            if all(j.status in ("done", "failed") for j in jobs.values()):
+            if all(j.status in ENDED for j in jobs.values()):
                 return jobs
             time.sleep(0.5)
         logs = "\n".join(p.read_text()[-3000:] for p in self.tmp.glob("worker*.log"))
         pytest.fail(f"jobs {job_ids} did not finish in {timeout} s; worker logs:\n{logs}")
-
-    def counts(self, job_id: int) -> tuple[int, int]:
-        with self.sessions() as s:
-            n_frames = s.scalar(select(func.count()).select_from(Frame).where(Frame.job_id == job_id))
-            n_faces = s.scalar(select(func.count()).select_from(Face).where(Face.job_id == job_id))
-        return n_frames, n_faces
 
     def stop(self) -> None:
         for p in self.workers:
@@ -254,7 +242,7 @@ def test_submit_wait_and_status(cluster):
     for i in ids:
         line = next(ln for ln in status.stdout.splitlines() if ln.split()[:1] == [str(i)])
         assert " done " in line and " cpu " in line
-    assert cluster.counts(ids[0]) == (12, 12)  # 2.4 s at 5 fps, one face each
+    assert row_counts(cluster.sessions, ids[0]) == (12, 12)  # 2.4 s at 5 fps, one face each
     again = cluster.cli("submit", videos[0])
     assert f"already submitted as job {ids[0]}" in again.stdout
 
@@ -264,11 +252,14 @@ def test_long_video_in_segments_matches_one_process(cluster, tmp_path):
     cluster.start_workers(2)
     ids = submitted_ids(cluster.cli("submit", str(video), "--fps", "5", "--segment", "4"))
     job = cluster.wait(ids)[ids[0]]
-    assert job.status == "done", job.error
+    assert job.status == Status.DONE, job.error
     with cluster.sessions() as s:
         segs = s.scalars(select(Segment).where(Segment.job_id == ids[0])).all()
-        assert len(segs) == 5 and all(sg.status == "done" for sg in segs)
-        assert len({sg.worker for sg in segs}) >= 1
+        assert len(segs) == 5 and all(sg.status == Status.DONE for sg in segs)
+        # Each ran once, on the CPU, in a pool process of one of the two workers of this machine.
+        workers = {sg.worker for sg in segs}
+        assert 1 <= len(workers) <= 2 and all(w.rsplit(":", 1)[0] == socket.gethostname() for w in workers), workers
+        assert all(sg.attempts == 1 and sg.gpu == "cpu" for sg in segs)
     assert_same_rows(rows_of(cluster.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=5), 4, 2))
 
 
@@ -281,7 +272,7 @@ def test_worker_killed_mid_segment(cluster, tmp_path):
     deadline = time.time() + 120
     while victim is None and time.time() < deadline:
         with cluster.sessions() as s:
-            seg = s.scalar(select(Segment).where(Segment.job_id == ids[0], Segment.status == "running"))
+            seg = s.scalar(select(Segment).where(Segment.job_id == ids[0], Segment.status == Status.RUNNING))
             if seg is not None:
                 victim = int(seg.worker.rsplit(":", 1)[1])
         time.sleep(0.1)
@@ -290,7 +281,7 @@ def test_worker_killed_mid_segment(cluster, tmp_path):
     os.kill(victim, signal.SIGKILL)
     os.kill(parent, signal.SIGKILL)
     job = cluster.wait(ids, timeout=300)[ids[0]]
-    assert job.status == "done", job.error
+    assert job.status == Status.DONE, job.error
     with cluster.sessions() as s:
         attempts = sum(sg.attempts for sg in s.scalars(select(Segment).where(Segment.job_id == ids[0])))
     assert attempts >= 3  # the killed segment ran twice
@@ -302,12 +293,12 @@ def test_redis_restart_loses_no_job(cluster, redis):
                                                  "pyfeat_noface_face.mov")]  # fmt: skip
     ids = submitted_ids(cluster.cli("submit", *map(str, videos), "--fps", "4"))
     cluster.start_workers(1)
-    time.sleep(3)  # some queued, maybe one running
+    running_segment(cluster.sessions, ids)  # one running, the others queued in Redis
     redis.stop()
-    time.sleep(3)
+    time.sleep(3)  # how long Redis stays down
     redis.start()
     jobs = cluster.wait(ids, timeout=300)
-    assert all(j.status == "done" for j in jobs.values()), {i: j.error for i, j in jobs.items()}
+    assert all(j.status == Status.DONE for j in jobs.values()), {i: j.error for i, j in jobs.items()}
 
 
 def test_redis_without_persistence_loses_messages_and_the_sweeper_recovers_them(tmp_path, pg_url):
@@ -328,7 +319,7 @@ def test_redis_without_persistence_loses_messages_and_the_sweeper_recovers_them(
         assert redis_client.Redis(port=server.port).dbsize() == 0  # the queued messages are gone
         c.start_workers(1)
         jobs = c.wait(ids, timeout=180)
-        assert all(j.status == "done" for j in jobs.values())
+        assert all(j.status == Status.DONE for j in jobs.values())
         assert "no queued or running job" in c.cli("requeue").stdout
     finally:
         c.stop()
@@ -343,7 +334,7 @@ def test_submit_while_redis_is_down_is_sent_when_it_is_back(cluster, redis):
     ids = [int(proc.stdout.split("job ")[1].split()[0])]
     redis.start()
     cluster.start_workers(1)
-    assert cluster.wait(ids, timeout=180)[ids[0]].status == "done"
+    assert cluster.wait(ids, timeout=180)[ids[0]].status == Status.DONE
 
 
 @pytest.fixture
@@ -366,7 +357,7 @@ def test_a_90_second_database_outage_is_survived_with_the_default_policy(proxied
     time.sleep(90)
     proxy.mend()
     job = c.wait(ids, timeout=240)[ids[0]]
-    assert job.status == "done", job.error
+    assert job.status == Status.DONE, job.error
     assert_same_rows(rows_of(c.sessions, ids[0]), reference_rows(tmp_path, video, Settings(sample_fps=5), 10))
 
 
@@ -380,12 +371,12 @@ def test_permanent_database_error_fails_the_job_at_once(proxied):
     t0 = time.time()
     ids = submitted_ids(c.cli("submit", str(shared_path("videos", "liveportrait_d6.mp4")), "--fps", "5"))
     job = c.wait(ids, timeout=120)[ids[0]]
-    assert job.status == "failed" and "reject_all" in job.error and "IntegrityError" in job.error, job.error
+    assert job.status == Status.FAILED and "reject_all" in job.error and "IntegrityError" in job.error, job.error
     assert time.time() - t0 < 90
     with c.sessions() as s:
         seg = s.scalars(select(Segment).where(Segment.job_id == ids[0])).one()
         assert seg.attempts == 1  # computed once, not retried
-    assert c.counts(ids[0]) == (0, 0)
+    assert row_counts(c.sessions, ids[0]) == (0, 0)
 
 
 def test_bad_video_fails_alone(cluster):
@@ -396,8 +387,8 @@ def test_bad_video_fails_alone(cluster):
     cluster.start_workers(1)
     ids = submitted_ids(cluster.cli("submit", str(bad), str(good), "--segment", "100"))
     jobs = cluster.wait(ids)
-    assert jobs[ids[0]].status == "failed" and "truncated or corrupt" in jobs[ids[0]].error
-    assert jobs[ids[1]].status == "done"
+    assert jobs[ids[0]].status == Status.FAILED and "truncated or corrupt" in jobs[ids[0]].error
+    assert jobs[ids[1]].status == Status.DONE
     status = cluster.cli("status", str(ids[0])).stdout
     assert "failed" in status and "truncated or corrupt" in status
 
@@ -414,17 +405,18 @@ def test_paths_outside_media_roots_are_refused(cluster, tmp_path):
         assert s.scalar(select(func.count()).select_from(Job)) == 0
     # A worker checks again: a job row naming an outside file (written by someone else) fails there.
     with cluster.sessions.begin() as s:
-        job = Job(job_key="planted", path=str(outside), size_bytes=1, sha256="0" * 64, status="queued",
+        job = Job(job_key="planted", path=str(outside), size_bytes=1, sha256="0" * 64, status=Status.QUEUED,
                   sample_fps=5, model="small", model_sha256="-", detector="-")  # fmt: skip
         s.add(job)
         s.flush()
-        s.add(Segment(job_id=job.id, idx=0, start_s=0, end_s=None, status="queued", attempts=0, frames=0, faces=0))
+        s.add(Segment(job_id=job.id, idx=0, start_s=0, end_s=None, status=Status.QUEUED, attempts=0, frames=0,
+                      faces=0))  # fmt: skip
         job_id = job.id
-    subprocess.run([sys.executable, "-c", f"from worker.tasks import enqueue; enqueue({job_id}, 1, [0])"], cwd=ROOT,
-                   env=cluster.env, check=True)  # fmt: skip
+    subprocess.run([sys.executable, "-c", f"from fervid.worker.queue.tasks import enqueue; enqueue({job_id}, 1, [0])"],
+                   cwd=ROOT, env=cluster.env, check=True)  # fmt: skip
     cluster.start_workers(1)
     job = cluster.wait([job_id])[job_id]
-    assert job.status == "failed" and "outside the media roots" in job.error
+    assert job.status == Status.FAILED and "outside the media roots" in job.error
 
 
 def test_redis_with_password_and_no_secret_in_logs(tmp_path, pg_url):
@@ -435,8 +427,12 @@ def test_redis_with_password_and_no_secret_in_logs(tmp_path, pg_url):
         c.start_workers(1)
         proc = c.cli("submit", str(shared_path("videos", "pyfeat_single_face.mp4")), "--wait")
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        time.sleep(1)
-        logs = "".join(p.read_text() for p in tmp_path.glob("worker*.log")) + proc.stdout + proc.stderr
+
+        def worker_logs() -> str:
+            return "".join(p.read_text() for p in tmp_path.glob("worker*.log"))
+
+        wait_for(lambda: "(run 1): done" in worker_logs(), 30, "the worker's log line of the segment")
+        logs = worker_logs() + proc.stdout + proc.stderr
         assert secret not in logs
         with c.sessions() as s:
             job = s.scalars(select(Job)).one()
@@ -473,7 +469,7 @@ def running_segment(sessions, job_ids: list[int], timeout: float = 120, not_owne
     deadline = time.time() + timeout
     while time.time() < deadline:
         with sessions() as s:
-            for seg in s.scalars(select(Segment).where(Segment.job_id.in_(job_ids), Segment.status == "running")):
+            for seg in s.scalars(select(Segment).where(Segment.job_id.in_(job_ids), Segment.status == Status.RUNNING)):
                 pid = pid_of(seg.lease_owner)
                 try:
                     tree = ppid(ppid(pid))
@@ -496,16 +492,16 @@ def test_a_segment_that_kills_its_worker_fails_the_job_after_three_deaths(cluste
         with cluster.sessions() as s:
             job = s.get(Job, ids[0])
             seg = s.get(Segment, (ids[0], 0))
-        if job.status in ("done", "failed"):
+        if job.status in ENDED:
             break
-        if seg.status == "running" and pid_of(seg.lease_owner) not in killed:
+        if seg.status == Status.RUNNING and pid_of(seg.lease_owner) not in killed:
             os.kill(pid_of(seg.lease_owner), signal.SIGKILL)
             killed.add(pid_of(seg.lease_owner))
         time.sleep(0.1)
-    assert job.status == "failed" and len(killed) == 3, (job.status, killed)
+    assert job.status == Status.FAILED and len(killed) == 3, (job.status, killed)
     assert job.error.startswith("the worker died 3 times on segment 0 (0:00–end)"), job.error
-    assert seg.deaths == 3 and seg.status == "failed"
-    assert cluster.counts(ids[0]) == (0, 0)
+    assert seg.deaths == 3 and seg.status == Status.FAILED
+    assert row_counts(cluster.sessions, ids[0]) == (0, 0)
 
 
 def test_messages_of_an_older_run_are_dropped_by_workers(cluster, tmp_path):
@@ -515,15 +511,15 @@ def test_messages_of_an_older_run_are_dropped_by_workers(cluster, tmp_path):
     assert first == again
     cluster.start_workers(1)
     job = cluster.wait(first)[first[0]]
-    assert job.status == "done" and job.run == 2, job.error
+    assert job.status == Status.DONE and job.run == 2, job.error
     with cluster.sessions() as s:
         segs = s.scalars(select(Segment).where(Segment.job_id == first[0])).all()
-    assert len(segs) == 4 and all(sg.run == 2 and sg.attempts == 1 and sg.status == "done" for sg in segs)
+    assert len(segs) == 4 and all(sg.run == 2 and sg.attempts == 1 and sg.status == Status.DONE for sg in segs)
     assert_same_rows(rows_of(cluster.sessions, first[0]),
                      reference_rows(tmp_path, video, Settings(sample_fps=5), 5))  # fmt: skip
-    time.sleep(2)
-    log = (tmp_path / "worker0.log").read_text()
-    assert log.count("(run 1): stale") == 4, log[-3000:]
+    log = tmp_path / "worker0.log"
+    wait_for(lambda: log.read_text().count("(run 1): stale") >= 4, 30, f"4 stale messages dropped: {log}")
+    assert log.read_text().count("(run 1): stale") == 4, log.read_text()[-3000:]
 
 
 def test_submit_options_reach_the_workers(cluster):
@@ -538,9 +534,9 @@ def test_submit_options_reach_the_workers(cluster):
     a = submitted_ids(cluster.cli("submit", one, "--model", str(weights)))[0]
     b = submitted_ids(cluster.cli("submit", two, "--min-face", "600", "--threshold", "0.95"))[0]
     jobs = cluster.wait([a, b])
-    assert jobs[a].status == "done" and jobs[a].model == str(weights.resolve())
+    assert jobs[a].status == Status.DONE and jobs[a].model == str(weights.resolve())
     assert jobs[a].model_sha256 == sha256_file(weights) and jobs[a].faces_found == 12
-    assert jobs[b].status == "done" and (jobs[b].min_face, jobs[b].score_threshold) == (600, 0.95)
+    assert jobs[b].status == Status.DONE and (jobs[b].min_face, jobs[b].score_threshold) == (600, 0.95)
     assert jobs[b].frames_analyzed == 16 and jobs[b].faces_found == 0  # no face is 600 px in a 512 px video
     # Weights that change after the submit are not used in their place: the job fails and says why.
     cluster.stop()
@@ -550,18 +546,24 @@ def test_submit_options_reach_the_workers(cluster):
     weights.write_bytes(bytes(data))
     cluster.start_workers(1)
     job = cluster.wait([c])[c]
-    assert job.status == "failed" and "not the ones the job was submitted with" in job.error, job.error
+    assert job.status == Status.FAILED and "not the ones the job was submitted with" in job.error, job.error
 
 
 def test_a_stopping_worker_hands_its_segment_back(cluster, tmp_path):
     """docker stop: SIGTERM to the worker's first process, SIGKILL 10 s later. The segment is handed back (not
     counted as a death) and the worker is gone before the SIGKILL; another worker finishes the job."""
     video = shared_path("videos", "liveportrait_d6.mp4")
-    w = cluster.start_workers(1)
+    # A short heartbeat: the segment's progress shows in the database within a second of each batch.
+    w = cluster.start_workers(1, env={"FERVID_HEARTBEAT_S": "0.5"})
     # Every frame (1,008) in one segment: long enough on any CPU that the SIGTERM lands while it runs.
     ids = submitted_ids(cluster.cli("submit", str(video), "--fps", "0", "--segment", "100"))
-    running_segment(cluster.sessions, ids)
-    time.sleep(1)
+    seg = running_segment(cluster.sessions, ids)
+
+    def computing() -> bool:  # the models are loaded and batches go through them
+        with cluster.sessions() as s:
+            return s.get(Segment, (seg.job_id, seg.idx)).frames > 0
+
+    wait_for(computing, 120, "the running segment's first batch")
     t0 = time.time()
     w.send_signal(signal.SIGTERM)
     try:
@@ -571,11 +573,11 @@ def test_a_stopping_worker_hands_its_segment_back(cluster, tmp_path):
         pytest.fail("the worker did not stop within docker stop's 10 s")
     with cluster.sessions() as s:
         seg = s.get(Segment, (ids[0], 0))
-        assert seg.status == "queued" and seg.deaths == 0 and seg.attempts == 1 and seg.lease_owner is None
+        assert seg.status == Status.QUEUED and seg.deaths == 0 and seg.attempts == 1 and seg.lease_owner is None
     stopped = time.time() - t0
     cluster.start_workers(1)
     job = cluster.wait(ids)[ids[0]]
-    assert job.status == "done", job.error
+    assert job.status == Status.DONE, job.error
     with cluster.sessions() as s:
         seg = s.get(Segment, (ids[0], 0))
         assert seg.deaths == 0 and seg.attempts == 2
@@ -671,10 +673,10 @@ def test_chaos_every_job_ends_done_with_the_rows_of_a_clean_run(tmp_path, pg_url
         jobs = c.wait(ids, timeout=180)
         took = time.time() - last_fault
         print("\n".join(faults) + f"\nall jobs ended {took:.0f} s after the last fault")
-        assert all(j.status == "done" for j in jobs.values()), {i: (j.status, j.error) for i, j in jobs.items()}
+        assert all(j.status == Status.DONE for j in jobs.values()), {i: (j.status, j.error) for i, j in jobs.items()}
         assert took < 180
         with c.sessions() as s:
-            assert s.scalar(select(func.count()).select_from(Segment).where(Segment.status != "done")) == 0
+            assert s.scalar(select(func.count()).select_from(Segment).where(Segment.status != Status.DONE)) == 0
             deaths = s.scalar(select(func.sum(Segment.deaths)))
             thawed = s.get(Segment, frozen_seg)
         assert deaths >= 3, faults  # the killed child, the killed tree and the frozen child, at least

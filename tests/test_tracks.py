@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from fervid.worker.tracks import Tracker
+from fervid.worker.pipeline.tracks import Tracker
 
 
 def face(cx: float, cy: float, size: float = 80.0) -> tuple[np.ndarray, np.ndarray]:
@@ -58,9 +58,9 @@ def test_tracks_stored_a_page_at_a_time_match_one_pass(tmp_path):
     """assign_tracks reads a job's faces in pages; a frame cut by a page boundary must be linked as a whole."""
     from sqlalchemy import select
 
-    from fervid.worker.db import open_database
-    from fervid.worker.schema import Face, Job
-    from fervid.worker.tracks import assign_tracks
+    from fervid.worker.store.db import open_database
+    from fervid.worker.store.rows import assign_tracks
+    from fervid.worker.store.schema import EMOTIONS, Face, Job
 
     sessions = open_database(f"sqlite:///{tmp_path / 't.db'}")
     with sessions.begin() as s:
@@ -73,8 +73,8 @@ def test_tracks_stored_a_page_at_a_time_match_one_pass(tmp_path):
             for k, p in enumerate(people[i % 3 :] + people[: i % 3]):
                 box, lms = p
                 s.add(Face(job_id=job.id, frame_index=i, face=k, time_ms=i * 200.0, x1=box[0], y1=box[1], x2=box[2],
-                           y2=box[3], det_score=0.99, landmarks=lms.tolist(), angry=0, disgust=0, fear=0, happy=1,
-                           sad=0, surprise=0, neutral=0, emotion="happy"))  # fmt: skip
+                           y2=box[3], det_score=0.99, landmarks=lms.tolist(), emotion="happy",
+                           **{e: float(e == "happy") for e in EMOTIONS}))  # fmt: skip
         job_id = job.id
 
     def tracks(chunk: int) -> list:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from fervid.worker.jobs import segment_bounds
-from fervid.worker.video import iter_frames, probe
+from fervid.worker.pipeline.video import iter_frames, probe
+from fervid.worker.queue.jobs import segment_bounds
 from tests.conftest import shared_path
 
 

@@ -1,8 +1,11 @@
-"""Every setting of a job and of the queue, with its default, defined once.
+"""Every setting of a job, of the queue and of the commands, with its default, defined once.
 
-`Settings` is what a job analyses with (stored on the job; part of what makes two jobs "the same"); the CLI's
-options read their defaults from it. `QueuePolicy` is how the queue keeps jobs alive through faults; each field can
-be overridden by an environment variable named FERVID_<FIELD> (e.g. FERVID_LEASE_S=120).
+`Settings` is what a job analyses with (stored on the job; part of what makes two jobs "the same"). `Options` are
+the other choices of a run or a query (device, batch size, priority, summary windows...), which never change what a
+job is. `QueuePolicy` is how the queue keeps jobs alive through faults; each field can be overridden by an
+environment variable named FERVID_<FIELD> (e.g. FERVID_LEASE_S=120). The library's functions and the CLI's
+options (through `default`) take their defaults from here. This module stays light (no pandas, no torch): every
+`fervid` command reads it while it builds its parser.
 """
 
 from __future__ import annotations
@@ -52,9 +55,28 @@ class Settings:
         return min(1.0, DETECT_MIN_PX / self.min_face)
 
 
-def default(field_name: str) -> object:
-    """The default of a Settings field, for argparse."""
-    return next(f.default for f in fields(Settings) if f.name == field_name)
+@dataclass(frozen=True)
+class Options:
+    """Choices of a run or a query that are not part of what a job is: changing them never makes another job."""
+
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto: CUDA where present
+    batch_size: int = 16  # frames per batch through the models
+    priority: int = 0  # of a submitted job, 0-9: higher runs first
+    concurrency: int = 1  # CPU worker processes of `fervid worker` where there is no GPU
+    loglevel: str = "INFO"
+    status_limit: int = 50  # the newest jobs `fervid status` lists
+    smooth_method: str = "mean"  # one of SMOOTH_METHODS
+    window_s: float = 5.0  # seconds per window of a summary's dominant-emotion list
+
+
+# The choices of queries and exports, here rather than beside their code (pandas) so that a parser can offer them.
+SMOOTH_METHODS = ("mean", "ema")  # centred moving average; exponential average with the smoothing time as half-life
+TIMELINE_FORMATS = ("table", "csv", "json", "parquet")
+
+
+def default(field_name: str, of: type = Settings) -> object:
+    """The default of a field of `of` (Settings, Options or QueuePolicy), for argparse."""
+    return next(f.default for f in fields(of) if f.name == field_name)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Frames are sampled on a fixed time grid (k / fps seconds) using the video's own 
 rates are handled and any time range (a segment of a long video) samples exactly the frames that the whole
 video would. Frames between samples are only `grab()`bed, not converted.
 
-FFmpeg only ever sees files that `worker.media.open_media()` checked and holds open, through `/proc/self/fd/N`,
+FFmpeg only ever sees files that `worker.pipeline.media.open_media()` checked and holds open, through `/proc/self/fd/N`,
 and only with the file protocol and the demuxers of real video containers (OPENCV_FFMPEG_CAPTURE_OPTIONS below).
 """
 
@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 
 from fervid.errors import FervidError
-from fervid.worker.media import FFMPEG_CAPTURE_OPTIONS, MediaFile, open_media
+from fervid.worker.pipeline.media import FFMPEG_CAPTURE_OPTIONS, MediaFile, open_media
+from fervid.worker.settings import Options, Settings
 
 # OpenCV reads this variable at every FFmpeg open and passes it to avformat_open_input: the file protocol only,
 # and only container demuxers, so that no playlist or script makes FFmpeg open other files or URLs. Set here,
@@ -94,7 +95,7 @@ def _claims(path: Path, count: float, fps: float) -> tuple[int, float, float]:
 
 
 def probe(path: str | Path, roots: list[Path] | None = None) -> VideoInfo:
-    """The video's properties, from its container and its first frame. `roots`: see `worker.media.open_media`."""
+    """The video's properties, from its container and its first frame. `roots`: see `media.open_media`."""
     path = Path(path)
     with open_media(path, roots) as media:
         cap = _capture(media)
@@ -154,14 +155,14 @@ def _seek(cap: cv2.VideoCapture, start_s: float) -> int | None:
 
 
 def iter_frames(
-    path: str | Path, sample_fps: float = 5.0, start_s: float = 0.0, end_s: float | None = None,
+    path: str | Path, sample_fps: float = Settings.sample_fps, start_s: float = 0.0, end_s: float | None = None,
     state: DecodeState | None = None, roots: list[Path] | None = None,
 ) -> Iterator[tuple[int, float, np.ndarray]]:  # fmt: skip
     """(frame index, timestamp ms, BGR frame) for each sampled frame with start <= t < end.
 
     Frame numbers count from the start of the stream, also when the range starts later (a segment): those seek
     where the container's timestamps allow it and decode from the start otherwise. `roots`: see
-    `worker.media.open_media`; the file stays open (and is the one decoded) until the iteration ends.
+    `worker.pipeline.media.open_media`; the file stays open (and is the one decoded) until the iteration ends.
     """
     path = Path(path)
     state = state if state is not None else DecodeState()
@@ -204,14 +205,14 @@ def iter_frames(
 class FrameBatches:
     """Sampled frames in batches, decoded ahead in a background thread while the models run on the last batch.
 
-    `roots`: see `worker.media.open_media`; a refused file raises on iteration, like any decoding error.
+    `roots`: see `worker.pipeline.media.open_media`; a refused file raises on iteration, like any decoding error.
     """
 
     _END = object()
 
     def __init__(
         self, path: str | Path, sample_fps: float, start_s: float = 0.0, end_s: float | None = None,
-        batch_size: int = 16, prefetch: int = 3, roots: list[Path] | None = None,
+        batch_size: int = Options.batch_size, prefetch: int = 3, roots: list[Path] | None = None,
     ) -> None:  # fmt: skip
         self._args = (Path(path), sample_fps, start_s, end_s)
         self._roots = roots

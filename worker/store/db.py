@@ -6,6 +6,7 @@ Credentials in URLs are never printed: use `display_url`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -181,3 +182,14 @@ def open_database(url: str | None = None) -> sessionmaker:
     engine = make_engine(url)
     migrate(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_cached(url: str) -> sessionmaker:
+    return open_database(url)
+
+
+def sessions_for(db: str | sessionmaker | None) -> sessionmaker:
+    """A session factory for what a caller names (a URL, None for the default, or a factory it already has). URLs
+    are opened (and migrated) once per process, so that repeated notebook calls are quick."""
+    return db if isinstance(db, sessionmaker) else _open_cached(database_url(db))

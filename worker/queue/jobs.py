@@ -8,10 +8,11 @@ or late, so every step here checks the row it acts on:
   queued for, and one of an older run is dropped;
 - a running segment holds a lease (owner, expiry, and its attempt number as a token) that a thread of the working
   process renews; a write whose token is no longer the segment's own is discarded;
-- job status changes only under the job's row lock, and only forward (queued -> running -> done | failed);
+- job status changes only under the job's row lock, and only forward (queued -> running -> done | failed:
+  worker.store.schema.Status);
 - the segment that writes the last rows finishes the job in the same transaction, and anyone who later finds a
   job with every segment done but not finished (a redelivery, the sweeper) finishes it.
-Transient database errors are retried with backoff (worker.db.with_db_retry); computed rows wait in memory.
+Transient database errors are retried with backoff (worker.store.db.with_db_retry); computed rows wait in memory.
 """
 
 from __future__ import annotations
@@ -26,41 +27,46 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fervid.checksum import sha256_file
 from fervid.errors import FervidError
 from fervid.model.loader import model_identity
-from fervid.worker.db import DatabaseUnavailable, is_transient, with_db_retry
-from fervid.worker.media import check_media_path, media_roots
-from fervid.worker.pipeline import DETECTOR, Analyzer, SegmentRows, StageTimes, iter_batches
-from fervid.worker.schema import Face, Frame, Job, Segment
-from fervid.worker.settings import QueuePolicy, Settings, validate_segment_s
-from fervid.worker.tracks import assign_tracks
-from fervid.worker.video import VideoInfo, probe
+from fervid.worker.pipeline.frames_to_rows import DETECTOR, Analyzer, SegmentRows, StageTimes, iter_batches
+from fervid.worker.pipeline.media import check_media_path, media_roots
+from fervid.worker.pipeline.video import VideoInfo, probe
+from fervid.worker.settings import Options, QueuePolicy, Settings, validate_segment_s
+from fervid.worker.store.db import DatabaseUnavailable, is_transient, with_db_retry
+from fervid.worker.store.rows import assign_tracks, replace_range
+from fervid.worker.store.schema import ACTIVE, ENDED, Face, Frame, Job, Segment, Status
 
 log = logging.getLogger("fervid.jobs")
-ACTIVE = ("queued", "running")
-
-# What run_segment returns, besides "done" and "failed".
-STALE = "stale"  # a message of an older run, or of a job or segment that no longer exists
-SKIPPED = "skipped"  # the job already ended
-DUPLICATE = "duplicate"  # another live process holds the segment's lease
-SUPERSEDED = "superseded"  # this process lost the lease (it was judged dead); its rows were discarded
-RELEASED = "released"  # handed back on shutdown, to be run again
 
 
-def _now() -> dt.datetime:
+class Outcome(StrEnum):
+    """What became of a message: what run_segment (and claim_segment, when it cannot start) returns."""
+
+    DONE = Status.DONE  # the segment is done (by this attempt, or found so)
+    FAILED = Status.FAILED  # the job failed (this segment's error, or the poison limit)
+    STALE = "stale"  # a message of an older run, or of a job or segment that no longer exists
+    SKIPPED = "skipped"  # the job already ended
+    DUPLICATE = "duplicate"  # another live process holds the segment's lease
+    SUPERSEDED = "superseded"  # this process lost the lease (it was judged dead); its rows were discarded
+    RELEASED = "released"  # handed back on shutdown, to be run again
+
+
+def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _aware(t: dt.datetime | None) -> dt.datetime | None:
+def as_utc(t: dt.datetime | None) -> dt.datetime | None:
     """SQLite gives naive datetimes back; they were written in UTC."""
     return t.replace(tzinfo=dt.UTC) if t is not None and t.tzinfo is None else t
 
@@ -171,7 +177,7 @@ def _reset(s: Session, path: Path, sha: str, settings: Settings, versions: dict[
         for table in (Face, Frame, Segment):
             s.execute(delete(table).where(table.job_id == job.id))
         job.run += 1
-    job.path, job.size_bytes, job.status, job.error = str(path), path.stat().st_size, "queued", None
+    job.path, job.size_bytes, job.status, job.error = str(path), path.stat().st_size, Status.QUEUED, None
     job.frames_analyzed = job.faces_found = 0
     job.started_at = job.finished_at = job.timings = job.worker = None
     s.flush()
@@ -184,7 +190,7 @@ def _add_segments(s: Session, job: Job, info: VideoInfo, segment_s: float, polic
     j.frame_count, j.duration_s = info.frame_count, info.duration_s or None
     j.segment_s = segment_s
     bounds = segment_bounds(j.start_s, j.end_s, info.duration_s, segment_s, policy.max_segments)
-    s.add_all(Segment(job_id=j.id, idx=i, run=j.run, start_s=a, end_s=b, status="queued", attempts=0, deaths=0,
+    s.add_all(Segment(job_id=j.id, idx=i, run=j.run, start_s=a, end_s=b, status=Status.QUEUED, attempts=0, deaths=0,
                       frames=0, faces=0) for i, (a, b) in enumerate(bounds))  # fmt: skip
     return list(range(len(bounds)))
 
@@ -204,7 +210,7 @@ def submit(
     sessions: sessionmaker,
     path: Path,
     settings: Settings,
-    priority: int = 0,
+    priority: int = Options.priority,
     segment_s: float | None = None,
     force: bool = False,
     versions: dict[str, str] | None = None,
@@ -227,13 +233,13 @@ def submit(
     def txn() -> Submitted:
         with sessions.begin() as s:
             job = s.scalar(select(Job).where(Job.job_key == key).with_for_update())
-            if job is not None and job.status != "failed" and not force:
+            if job is not None and job.status != Status.FAILED and not force:
                 n = s.scalar(select(func.count()).select_from(Segment).where(Segment.job_id == job.id))
                 return Submitted(path, job.id, job.run, list(range(n)), job.priority, True, job.status)
             job = _reset(s, real, sha, settings, versions)  # new, or failed / --force: start over
             job.priority = priority
             idxs = _add_segments(s, job, info, segment_s, policy)
-            return Submitted(path, job.id, job.run, idxs, priority, False, "queued")
+            return Submitted(path, job.id, job.run, idxs, priority, False, Status.QUEUED)
 
     try:
         return with_db_retry(txn, policy, f"submitting {path}")
@@ -250,7 +256,7 @@ def mark_enqueued(sessions: sessionmaker, job_id: int, run: int, idxs: list[int]
     def txn() -> None:
         with sessions.begin() as s:
             s.execute(update(Segment).where(Segment.job_id == job_id, Segment.run == run, Segment.idx.in_(idxs),
-                                            Segment.status == "queued").values(enqueued_at=_now()))  # fmt: skip
+                                            Segment.status == Status.QUEUED).values(enqueued_at=utcnow()))  # fmt: skip
 
     with_db_retry(txn, policy, f"recording the messages of job {job_id}")
 
@@ -274,11 +280,11 @@ class Claim:
     info: VideoInfo
 
 
-def _lock_job(s: Session, job_id: int, skip_locked: bool = False) -> Job | None:
+def lock_job(s: Session, job_id: int, skip_locked: bool = False) -> Job | None:
     return s.scalar(select(Job).where(Job.id == job_id).with_for_update(skip_locked=skip_locked))
 
 
-def _segment(s: Session, job_id: int, idx: int) -> Segment | None:
+def lock_segment(s: Session, job_id: int, idx: int) -> Segment | None:
     return s.scalar(select(Segment).where(Segment.job_id == job_id, Segment.idx == idx).with_for_update())
 
 
@@ -290,7 +296,7 @@ def poison_reason(seg: Segment) -> str:
 def _fail_job(job: Job, error: str) -> None:
     """Failed is final for a run: a job that already ended keeps its status."""
     if job.status in ACTIVE:
-        job.status, job.error, job.finished_at = "failed", error, _now()
+        job.status, job.error, job.finished_at = Status.FAILED, error, utcnow()
 
 
 def record_death(s: Session, job: Job, seg: Segment, policy: QueuePolicy) -> bool:
@@ -298,46 +304,46 @@ def record_death(s: Session, job: Job, seg: Segment, policy: QueuePolicy) -> boo
     seg.deaths += 1
     seg.lease_owner = seg.lease_until = None
     if seg.deaths >= policy.max_deaths:
-        seg.status, seg.error, seg.finished_at = "failed", poison_reason(seg), _now()
+        seg.status, seg.error, seg.finished_at = Status.FAILED, poison_reason(seg), utcnow()
         _fail_job(job, seg.error)
         return True
-    seg.status = "queued"
+    seg.status = Status.QUEUED
     return False
 
 
 def claim_segment(sessions: sessionmaker, job_id: int, idx: int, run: int | None,
-                  policy: QueuePolicy) -> Claim | str:  # fmt: skip
-    """Start segment `idx` of `job_id` in this process, or say why not (a status string)."""
+                  policy: QueuePolicy) -> Claim | Outcome:  # fmt: skip
+    """Start segment `idx` of `job_id` in this process, or say why not (an Outcome)."""
     me = worker_id()
 
-    def txn() -> Claim | str:
+    def txn() -> Claim | Outcome:
         with sessions.begin() as s:
-            job = _lock_job(s, job_id)
+            job = lock_job(s, job_id)
             if job is None or (run is not None and job.run != run):
-                return STALE
-            seg = _segment(s, job_id, idx)
+                return Outcome.STALE
+            seg = lock_segment(s, job_id, idx)
             if seg is None or seg.run != job.run:
-                return STALE
+                return Outcome.STALE
             if job.status not in ACTIVE:
-                return SKIPPED
-            if seg.status == "done":
+                return Outcome.SKIPPED
+            if seg.status == Status.DONE:
                 finish_job(s, job)  # a finish that was interrupted is completed by whoever comes next
-                return "done"
-            if seg.status == "failed":
-                return SKIPPED
-            now = _now()
-            if seg.status == "running":
-                lease = _aware(seg.lease_until)
+                return Outcome.DONE
+            if seg.status == Status.FAILED:
+                return Outcome.SKIPPED
+            now = utcnow()
+            if seg.status == Status.RUNNING:
+                lease = as_utc(seg.lease_until)
                 if lease is not None and lease > now and seg.lease_owner != me and not _owner_dead(seg.lease_owner):
-                    return DUPLICATE
+                    return Outcome.DUPLICATE
                 if record_death(s, job, seg, policy):
                     log.error("job %s: %s", job_id, seg.error)
-                    return "failed"
-            seg.status, seg.attempts, seg.lease_owner = "running", seg.attempts + 1, me
+                    return Outcome.FAILED
+            seg.status, seg.attempts, seg.lease_owner = Status.RUNNING, seg.attempts + 1, me
             seg.lease_until = now + dt.timedelta(seconds=policy.lease_s)
             seg.worker, seg.gpu, seg.started_at, seg.frames, seg.faces, seg.error = me, gpu_name(), now, 0, 0, None
-            if job.status == "queued":
-                job.status, job.started_at = "running", now
+            if job.status == Status.QUEUED:
+                job.status, job.started_at = Status.RUNNING, now
             job.worker = me
             settings = Settings(sample_fps=job.sample_fps, start_s=seg.start_s, end_s=seg.end_s, model=job.model,
                                 score_threshold=job.score_threshold, min_face=job.min_face,
@@ -369,8 +375,8 @@ class Lease(threading.Thread):
             n = s.execute(
                 update(Segment)
                 .where(Segment.job_id == c.job_id, Segment.idx == c.idx, Segment.run == c.run,
-                       Segment.attempts == c.token, Segment.status == "running")
-                .values(lease_until=_now() + dt.timedelta(seconds=self.policy.lease_s), frames=frames, faces=faces)
+                       Segment.attempts == c.token, Segment.status == Status.RUNNING)
+                .values(lease_until=utcnow() + dt.timedelta(seconds=self.policy.lease_s), frames=frames, faces=faces)
             ).rowcount  # fmt: skip
         return n == 1
 
@@ -390,43 +396,34 @@ class Lease(threading.Thread):
             self.join(timeout=60)
 
 
-def _ours(s: Session, claim: Claim) -> tuple[Job | None, Segment | None, str | None]:
+def _ours(s: Session, claim: Claim) -> tuple[Job | None, Segment | None, Outcome | None]:
     """The job and segment locked, or why this attempt may not write to them."""
-    job = _lock_job(s, claim.job_id)
-    seg = _segment(s, claim.job_id, claim.idx)
+    job = lock_job(s, claim.job_id)
+    seg = lock_segment(s, claim.job_id, claim.idx)
     if job is None or seg is None or job.run != claim.run or seg.run != claim.run:
-        return None, None, STALE
+        return None, None, Outcome.STALE
     if seg.attempts != claim.token:
-        return None, None, SUPERSEDED
-    if seg.status == "done":
-        return None, None, "done"  # our own write, retried after the database's answer was lost
-    if seg.status != "running" or job.status not in ACTIVE:
-        return None, None, SKIPPED
+        return None, None, Outcome.SUPERSEDED
+    if seg.status == Status.DONE:
+        return None, None, Outcome.DONE  # our own write, retried after the database's answer was lost
+    if seg.status != Status.RUNNING or job.status not in ACTIVE:
+        return None, None, Outcome.SKIPPED
     return job, seg, None
 
 
 def commit_segment(sessions: sessionmaker, claim: Claim, rows: SegmentRows, times: StageTimes,
-                   policy: QueuePolicy) -> str:  # fmt: skip
+                   policy: QueuePolicy) -> Outcome:  # fmt: skip
     """Replace the segment's time range with its rows, mark it done and, if it was the last, finish the job:
     one transaction, so a reader never sees half a segment and a job never waits for a finish."""
 
-    def txn() -> str:
+    def txn() -> Outcome:
         t0 = time.perf_counter()
         with sessions.begin() as s:
             job, seg, why = _ours(s, claim)
             if why:
                 return why
-            lo, hi = claim.settings.start_s * 1000, claim.settings.end_s
-            for table in (Face, Frame):
-                in_range = [table.job_id == claim.job_id, table.time_ms >= lo]
-                if hi is not None:
-                    in_range.append(table.time_ms < hi * 1000)
-                s.execute(delete(table).where(*in_range))
-            for chunk in rows.frame_dicts(claim.job_id):
-                s.execute(insert(Frame), chunk)
-            for chunk in rows.face_dicts(claim.job_id):
-                s.execute(insert(Face), chunk)
-            seg.status, seg.frames, seg.faces, seg.finished_at = "done", rows.n_frames, rows.n_faces, _now()
+            replace_range(s, claim.job_id, claim.settings.start_s, claim.settings.end_s, rows)
+            seg.status, seg.frames, seg.faces, seg.finished_at = Status.DONE, rows.n_frames, rows.n_faces, utcnow()
             seg.lease_owner = seg.lease_until = None
             write = time.perf_counter() - t0
             # compute: the segment's frames through the models (its stages overlap: decoding runs beside them);
@@ -434,7 +431,7 @@ def commit_segment(sessions: sessionmaker, claim: Claim, rows: SegmentRows, time
             seg.timings = times.rounded() | {"write": round(write, 4),
                                              "total": round(times.seconds.get("compute", 0.0) + write, 4)}
             finish_job(s, job)
-            return "done"
+            return Outcome.DONE
 
     return with_db_retry(txn, policy, f"writing segment {claim.idx} of job {claim.job_id}")
 
@@ -445,7 +442,7 @@ def finish_job(s: Session, job: Job) -> bool:
     if job.status not in ACTIVE:
         return False
     segs = s.scalars(select(Segment).where(Segment.job_id == job.id)).all()
-    if not segs or any(sg.status != "done" for sg in segs):
+    if not segs or any(sg.status != Status.DONE for sg in segs):
         return False
     t = time.perf_counter()
     n_tracks = assign_tracks(s, job.id)
@@ -455,28 +452,28 @@ def finish_job(s: Session, job: Job) -> bool:
             timings[k] = round(timings.get(k, 0.0) + v, 4)
     timings["track"] = round(time.perf_counter() - t, 4)
     if job.started_at:
-        timings["wall"] = round((_now() - _aware(job.started_at)).total_seconds(), 3)
+        timings["wall"] = round((utcnow() - as_utc(job.started_at)).total_seconds(), 3)
     job.frames_analyzed, job.faces_found = sum(sg.frames for sg in segs), sum(sg.faces for sg in segs)
     if job.frames_analyzed == 0:
-        job.status, job.error = "failed", f"{job.path}: no frames in the time range"
+        job.status, job.error = Status.FAILED, f"{job.path}: no frames in the time range"
     else:
-        job.status, job.error = "done", None
-    job.timings, job.finished_at = timings | {"tracks": n_tracks}, _now()
+        job.status, job.error = Status.DONE, None
+    job.timings, job.finished_at = timings | {"tracks": n_tracks}, utcnow()
     return True
 
 
-def fail_segment(sessions: sessionmaker, claim: Claim, error: str, policy: QueuePolicy) -> str:
+def fail_segment(sessions: sessionmaker, claim: Claim, error: str, policy: QueuePolicy) -> Outcome:
     """A segment that cannot succeed (a bad video, a permanent database error) fails its job."""
 
-    def txn() -> str:
+    def txn() -> Outcome:
         with sessions.begin() as s:
             job, seg, why = _ours(s, claim)
             if why:
                 return why
-            seg.status, seg.error, seg.finished_at = "failed", error, _now()
+            seg.status, seg.error, seg.finished_at = Status.FAILED, error, utcnow()
             seg.lease_owner = seg.lease_until = None
             _fail_job(job, error)
-            return "failed"
+            return Outcome.FAILED
 
     return with_db_retry(txn, policy, f"recording the failure of job {claim.job_id}")
 
@@ -492,7 +489,7 @@ def release_segment(sessions: sessionmaker, claim: Claim, policy: QueuePolicy) -
                 return False
             # The attempt number stays: this attempt can no longer write (the segment is not running), and the
             # next start makes a new token.
-            seg.status, seg.lease_owner, seg.lease_until, seg.enqueued_at = "queued", None, None, None
+            seg.status, seg.lease_owner, seg.lease_until, seg.enqueued_at = Status.QUEUED, None, None, None
             return True
 
     return with_db_retry(txn, policy, f"handing back segment {claim.idx} of job {claim.job_id}")
@@ -512,12 +509,12 @@ def run_segment(
     should_stop: Callable[[], bool] | None = None,
     requeue: Callable[[Claim], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
-    batch_size: int = 16,
-) -> str:
+    batch_size: int = Options.batch_size,
+) -> Outcome:
     """Run one segment: claim it, compute its rows under a renewed lease, write them (or fail the job with the
     reason). `roots`: the media roots the video must lie under (queue workers); None for in-process jobs.
     `should_stop`: checked between batches; when it turns true the segment is handed back and `requeue`d.
-    Returns "done", "failed" or one of the statuses above. Raises DatabaseUnavailable when the database
+    Returns the Outcome. Raises DatabaseUnavailable when the database
     stayed away for the whole retry policy."""
     claim = claim_segment(sessions, job_id, idx, run, policy)
     if isinstance(claim, str):
@@ -541,14 +538,14 @@ def run_segment(
                     on_progress(len(indices))
                 if lease.lost.is_set():
                     log.warning("job %s segment %s: lease lost (judged dead); dropping this attempt", job_id, idx)
-                    return SUPERSEDED
+                    return Outcome.SUPERSEDED
                 if should_stop is not None and should_stop():
                     lease.stop()
                     if release_segment(sessions, claim, policy):
                         if requeue is not None:
                             requeue(claim)
-                        return RELEASED
-                    return SUPERSEDED
+                        return Outcome.RELEASED
+                    return Outcome.SUPERSEDED
         except DatabaseUnavailable:
             raise
         except FervidError as e:
@@ -580,12 +577,12 @@ def analyze_video(
     settings: Settings,
     sessions: sessionmaker,
     analyzer: Analyzer,
-    batch_size: int = 16,
+    batch_size: int = Options.batch_size,
     on_progress: Callable[[int, int | None], None] | None = None,
     policy: QueuePolicy | None = None,
 ) -> Job:
     """Analyse one video into the database, in this process, through the same segments as the queue. Returns
-    the job: "done", or "failed" with `error` (not a video, undecodable frames). A missing file raises
+    the job: done, or failed with `error` (not a video, undecodable frames). A missing file raises
     FervidError before any job exists."""
     policy = policy or QueuePolicy.from_env()
     settings = replace(settings, model=analyzer.model_id)
@@ -609,14 +606,14 @@ def analyze_video(
 
         def failed() -> None:
             with sessions.begin() as s:
-                _fail_job(_lock_job(s, job_id), error)
+                _fail_job(lock_job(s, job_id), error)
 
         with_db_retry(failed, policy, f"recording the failure of job {job_id}")
         return _job(sessions, job_id)
 
     def plan() -> tuple[int, list[int]]:
         with sessions.begin() as s:
-            job = _lock_job(s, job_id)
+            job = lock_job(s, job_id)
             return job.run, _add_segments(s, job, info, policy.segment_s, policy)
 
     run, idxs = with_db_retry(plan, policy, f"planning job {job_id}")
@@ -627,7 +624,7 @@ def analyze_video(
     for idx in idxs:
         status = run_segment(sessions, job_id, idx, run, lambda _m, _s: analyzer, policy, on_progress=progress,
                              batch_size=batch_size)  # fmt: skip
-        if status != "done":
+        if status != Outcome.DONE:
             break
     return _job(sessions, job_id)
 
@@ -640,12 +637,12 @@ def _job(sessions: sessionmaker, job_id: int) -> Job:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def unfinished_segments(session: Session, job_ids: list[int] | None = None) -> list[tuple[int, int, int, int]]:
-    """(job, segment, run, priority) of every segment not yet done, of jobs that are queued or running."""
+def unfinished_segments(session: Session, job_ids: list[int] | None = None) -> list[tuple[int, int, int]]:
+    """(job, run, segment) of every segment not yet done, of jobs that are queued or running."""
     q = (
-        select(Segment.job_id, Segment.idx, Job.run, Job.priority)
+        select(Segment.job_id, Job.run, Segment.idx)
         .join(Job, Job.id == Segment.job_id)
-        .where(Job.status.in_(ACTIVE), Segment.status != "done")
+        .where(Job.status.in_(ACTIVE), Segment.status != Status.DONE)
         .order_by(Segment.job_id, Segment.idx)
     )
     if job_ids:
@@ -653,7 +650,20 @@ def unfinished_segments(session: Session, job_ids: list[int] | None = None) -> l
     return [tuple(r) for r in session.execute(q)]
 
 
-def job_status(session: Session, job_ids: list[int] | None = None, limit: int = 50) -> list[dict]:
+def per_job(session: Session, segments: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, list[int], int]]:
+    """(job, run, segment indices, priority) for (job, run, segment) triples: what to send, one batch of messages
+    per job run, its segments in order and without repeats, at the job's priority."""
+    by_job: dict[tuple[int, int], set[int]] = {}
+    for job_id, run, idx in segments:
+        by_job.setdefault((job_id, run), set()).add(idx)
+    if not by_job:
+        return []
+    priority = dict(session.execute(select(Job.id, Job.priority).where(Job.id.in_([j for j, _ in by_job]))).all())
+    return [(job_id, run, sorted(idxs), priority.get(job_id, 0)) for (job_id, run), idxs in by_job.items()]
+
+
+def job_status(session: Session, job_ids: list[int] | None = None,
+               limit: int = Options.status_limit) -> list[dict]:  # fmt: skip
     """Rows for `fervid status`: state, progress, frames, faces, worker, GPU, timings, error."""
     q = select(Job).order_by(Job.id.desc()).limit(limit) if not job_ids else select(Job).where(Job.id.in_(job_ids))
     jobs = session.scalars(q).all()
@@ -664,15 +674,15 @@ def job_status(session: Session, job_ids: list[int] | None = None, limit: int = 
     rows = []
     for job in sorted(jobs, key=lambda j: j.id):
         segs = session.scalars(select(Segment).where(Segment.job_id == job.id).order_by(Segment.idx)).all()
-        done = sum(sg.status == "done" for sg in segs)
-        frames = job.frames_analyzed if job.status in ("done", "failed") or not segs else \
+        done = sum(sg.status == Status.DONE for sg in segs)
+        frames = job.frames_analyzed if job.status in ENDED or not segs else \
             sum(sg.frames for sg in segs)  # fmt: skip
-        running = [sg for sg in segs if sg.status == "running"]
+        running = [sg for sg in segs if sg.status == Status.RUNNING]
         rows.append({
             "job": job.id, "path": job.path, "state": job.status, "run": job.run,
             "segments_done": done, "segments": len(segs),
-            "progress": 1.0 if job.status == "done" else (done / len(segs) if segs else 0.0),
-            "frames": frames, "faces": job.faces_found if job.status == "done" else sum(sg.faces for sg in segs),
+            "progress": 1.0 if job.status == Status.DONE else (done / len(segs) if segs else 0.0),
+            "frames": frames, "faces": job.faces_found if job.status == Status.DONE else sum(sg.faces for sg in segs),
             "worker": (running[0].worker if running else job.worker),
             "gpu": ",".join(sorted({sg.gpu for sg in segs if sg.gpu})) or None,
             "seconds": (job.timings or {}).get("wall"),

@@ -1,8 +1,8 @@
-"""Alembic environment: the same migrations for SQLite and PostgreSQL, run from code (worker.db.migrate)."""
+"""Alembic environment: the same migrations for SQLite and PostgreSQL, run from code (worker.store.db.migrate)."""
 
 from alembic import context
 
-from fervid.worker.schema import Base
+from fervid.worker.store.schema import Base
 
 config = context.config
 

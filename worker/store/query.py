@@ -1,15 +1,18 @@
-"""Reading emotion timelines: per-track rows, smoothing, summaries and plots, as pandas DataFrames.
+"""Reading emotion timelines: per-track rows, smoothing and summaries, as pandas DataFrames and plain dicts.
 
-The same functions serve the CLI (`fervid timeline|summary|plot`) and notebooks (`from fervid import api`).
+The same functions serve the CLI (`fervid timeline|summary|plot`), notebooks (`from fervid import api`) and an
+HTTP API; they return data only (plots and annotated videos: worker.render; files: worker.store.export).
 Queries filter in SQL on the (job, time) and (job, track, time) indexes, and summaries aggregate in SQL, so
 a job of a million faces is never loaded whole to answer them.
+
+A result of a job that is still queued or running is partial, and says so the same way everywhere: its
+metadata (a timeline's `df.attrs`, a summary's own keys) holds `job`, `path`, `status` and `partial`, and
+`partial_note(result)` is the line to show beside it.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -17,46 +20,39 @@ from sqlalchemy import and_, case, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from fervid.errors import FervidError
-from fervid.worker.db import database_url, open_database
-from fervid.worker.schema import EMOTIONS, Face, Frame, Job
+from fervid.worker.settings import SMOOTH_METHODS, Options
+from fervid.worker.store.db import sessions_for
+from fervid.worker.store.schema import ACTIVE, EMOTIONS, Face, Frame, Job, Status
 
+# The columns of a timeline, and of every export of one (worker.store.export).
 TIMELINE_COLUMNS = ["job", "frame", "time_s", "face", "track", "x1", "y1", "x2", "y2", "det_score", *EMOTIONS,
                     "emotion"]  # fmt: skip
 
 
-@dataclass
-class JobView:
-    """A job as queries see it: partial while running; a failed job is an error, with its reason."""
-
-    job: Job
-    partial: bool
-
-    @property
-    def note(self) -> str | None:
-        if self.partial:
-            return (
-                f"job {self.job.id} is still {self.job.status}: the timeline so far ({self.job.frames_analyzed} frames)"
-            )
-        return None
-
-
-@functools.lru_cache(maxsize=8)
-def _open_cached(url: str) -> sessionmaker:
-    return open_database(url)
-
-
-def _sessions(db: str | sessionmaker | None) -> sessionmaker:
-    """A session factory; URLs are opened (and migrated) once per process, so repeated notebook calls are quick."""
-    return db if isinstance(db, sessionmaker) else _open_cached(database_url(db))
-
-
-def get_job(session: Session, job_id: int, allow_failed: bool = False) -> JobView:
+def get_job(session: Session, job_id: int) -> Job:
+    """The job, or a one-line FervidError: no such job, or it failed (with its reason: it has no result)."""
     job = session.get(Job, job_id)
     if job is None:
         raise FervidError(f"no job {job_id} in this database")
-    if job.status == "failed" and not allow_failed:
+    if job.status == Status.FAILED:
         raise FervidError(f"job {job_id} ({job.path}) failed: {job.error}")
-    return JobView(job, partial=job.status in ("queued", "running"))
+    return job
+
+
+def result_meta(job: Job) -> dict:
+    """What every query result carries about its job; `partial` while the job has not ended."""
+    return {"job": job.id, "path": job.path, "status": job.status, "partial": job.status in ACTIVE}
+
+
+def partial_note(result: pd.DataFrame | Mapping) -> str | None:
+    """The line to show beside a result (a timeline or a summary) of a job still queued or running; None once the
+    job has ended."""
+    meta = result.attrs if isinstance(result, pd.DataFrame) else result
+    if not meta.get("partial"):
+        return None
+    so_far = (f"the timeline so far ({meta['job_frames_analyzed']} frames)" if isinstance(result, pd.DataFrame)
+              else "this summary covers what exists so far")  # fmt: skip
+    return f"job {meta['job']} is still {meta['status']}: {so_far}"
 
 
 def timeline(
@@ -65,15 +61,14 @@ def timeline(
     start_s: float | None = None,
     end_s: float | None = None,
     smooth_s: float | None = None,
-    smooth_method: str = "mean",
+    smooth_method: str = Options.smooth_method,
     db: str | sessionmaker | None = None,
 ) -> pd.DataFrame:
     """One row per face per analysed frame (frames without faces: one row with empty face fields, unless a
     track is asked for), in time order. `smooth_s` smooths each track's probabilities over that much video time:
     a centred moving average ("mean") or an exponential average with that half-life ("ema")."""
-    sessions = _sessions(db)
-    with sessions() as s:
-        view = get_job(s, job_id)
+    with sessions_for(db)() as s:
+        job = get_job(s, job_id)
         if track is not None:
             exists = s.scalar(select(Face.track).where(Face.job_id == job_id, Face.track == track).limit(1))
             if exists is None:
@@ -113,14 +108,15 @@ def timeline(
     if df.empty and (start_s is not None or end_s is not None):
         raise FervidError(f"job {job_id} has no analysed frames between {start_s or 0} s and {end_s or 'the end'}")
     df = df[TIMELINE_COLUMNS]
-    df.attrs.update(note=view.note, path=view.job.path)
+    # The job's own count, which a partial note quotes (it stays 0 until the job is finished).
+    df.attrs.update(result_meta(job), job_frames_analyzed=job.frames_analyzed)
     return df
 
 
-def smooth(df: pd.DataFrame, seconds: float, method: str = "mean") -> pd.DataFrame:
+def smooth(df: pd.DataFrame, seconds: float, method: str = Options.smooth_method) -> pd.DataFrame:
     """Smooth the probabilities of each track over video time (not rows, so uneven sampling is handled)."""
-    if method not in ("mean", "ema"):
-        raise FervidError(f"unknown smoothing {method!r} (mean or ema)")
+    if method not in SMOOTH_METHODS:
+        raise FervidError(f"unknown smoothing {method!r} ({' or '.join(SMOOTH_METHODS)})")
     if seconds <= 0:
         raise FervidError(f"--smooth must be positive, got {seconds}")
     df = df.copy()
@@ -138,16 +134,15 @@ def smooth(df: pd.DataFrame, seconds: float, method: str = "mean") -> pd.DataFra
     return df
 
 
-def summary(job_id: int, db: str | sessionmaker | None = None, window_s: float = 5.0) -> dict:
-    """Per track and for the whole video: time on screen, share of time per dominant emotion, mean
-    probabilities, each emotion's peak (1-second means) and strongest rise, and the dominant emotion per window."""
-    sessions = _sessions(db)
-    with sessions() as s:
+def summary(job_id: int, db: str | sessionmaker | None = None, window_s: float = Options.window_s) -> dict:
+    """The job's frames analysed (and how many had faces), and per track and for the whole video: time on screen,
+    share of time per dominant emotion, mean probabilities, each emotion's peak (1-second means) and strongest
+    rise, and the dominant emotion per window. `video` is None when no face was found."""
+    with sessions_for(db)() as s:
         if s.bind.dialect.name == "postgresql":
             # Room to group a long job's seconds in memory rather than by an external sort on disk.
             s.execute(text("SET LOCAL work_mem = '64MB'"))
-        view = get_job(s, job_id)
-        job = view.job
+        job = get_job(s, job_id)
         interval_s = 1 / job.sample_fps if job.sample_fps else (1 / job.fps if job.fps else 0.0)
         probs = [getattr(Face, e) for e in EMOTIONS]
         per_track = pd.read_sql(
@@ -163,7 +158,10 @@ def summary(job_id: int, db: str | sessionmaker | None = None, window_s: float =
             .where(Face.job_id == job_id).group_by(Face.track, second).order_by(Face.track, second),
             s.connection(),
         )  # fmt: skip
-        n_frames = s.scalar(select(func.count()).select_from(Frame).where(Frame.job_id == job_id))
+        n_frames, with_faces = s.execute(
+            select(func.count(), func.coalesce(func.sum(case((Frame.n_faces > 0, 1), else_=0)), 0))
+            .where(Frame.job_id == job_id)
+        ).one()  # fmt: skip
 
     def describe(rows: pd.DataFrame, seconds: pd.DataFrame) -> dict:
         n = int(rows["n"].sum())
@@ -195,10 +193,9 @@ def summary(job_id: int, db: str | sessionmaker | None = None, window_s: float =
             "windows": windows,
         }
 
-    result = {
-        "job": job_id, "path": job.path, "status": job.status, "partial": view.partial,
-        "duration_s": job.duration_s, "frames_analyzed": int(n_frames), "window_s": window_s,
-        "tracks": {}, "video": None,
+    result = result_meta(job) | {
+        "duration_s": job.duration_s, "frames_analyzed": int(n_frames), "frames_with_faces": int(with_faces),
+        "window_s": window_s, "tracks": {}, "video": None,
     }  # fmt: skip
     if len(per_track):
         for t in per_track["track"].dropna().astype(int):
@@ -207,81 +204,3 @@ def summary(job_id: int, db: str | sessionmaker | None = None, window_s: float =
             )
         result["video"] = describe(per_track, per_second)
     return result
-
-
-def plot(df: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Stacked emotion probabilities over time, one panel per track, time in mm:ss, gaps where no face."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
-
-    tracks = sorted(df["track"].dropna().unique().tolist()) or [None]
-    times = np.sort(df["time_s"].unique())
-    fig, axes = plt.subplots(len(tracks), 1, figsize=(11, 2.4 * len(tracks) + 1.0), sharex=True, squeeze=False)
-    colors = ["#d62728", "#8c564b", "#9467bd", "#2ca02c", "#1f77b4", "#ff7f0e", "#7f7f7f"]
-    labels = [e.capitalize() for e in EMOTIONS]
-    for ax, tr in zip(axes[:, 0], tracks, strict=True):
-        rows = df[df["track"] == tr].drop_duplicates("time_s").set_index("time_s") if tr is not None else df.iloc[:0]
-        probs = rows.reindex(times)[list(EMOTIONS)].to_numpy(dtype=float)
-        ax.stackplot(times, np.nan_to_num(probs).T, labels=labels, colors=colors, linewidth=0)
-        missing = np.isnan(probs[:, 0])
-        if missing.any():
-            ax.fill_between(times, 0, 1, where=missing, color="0.88", step="mid", label="no face", linewidth=0)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel(f"track {tr}" if tr is not None else "no faces")
-        ax.margins(x=0)
-    axes[-1, 0].set_xlabel("time (mm:ss)")
-    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))  # whole seconds: mm:ss never repeats
-    axes[-1, 0].xaxis.set_major_formatter(FuncFormatter(lambda s, _: f"{int(s // 60):02d}:{int(s % 60):02d}"))
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    h = fig.get_figheight()  # title and legend take a fixed height (inches) whatever the number of panels
-    if title:
-        fig.text(0.01, 1 - 0.05 / h, title, fontsize=9, va="top")
-    fig.legend(handles, names, loc="upper center", ncol=8, frameon=False, bbox_to_anchor=(0.5, 1 - 0.2 / h))
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / h))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def annotate_video(job_id: int, out: str | Path, db: str | sessionmaker | None = None) -> int:
-    """Write the job's video with each face's box, track id and top emotion drawn on; returns frames written.
-
-    Frames between analysed ones carry the last analysed frame's faces, so labels do not flicker."""
-    import cv2
-
-    from fervid.worker.video import iter_frames, probe
-
-    df = timeline(job_id, db=db)
-    with _sessions(db)() as s:
-        job = get_job(s, job_id).job
-    info = probe(job.path)
-    by_frame = {f: g for f, g in df[df["face"].notna()].groupby("frame")}
-    analysed = sorted(df["frame"].unique())
-    fps = info.fps or 25.0
-    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (info.width, info.height))
-    if not writer.isOpened():
-        raise FervidError(f"{out}: cannot write a video there")
-    colors = [(66, 135, 245), (80, 200, 120), (245, 130, 48), (200, 80, 200), (60, 200, 230), (230, 60, 60)]
-    current = None
-    nxt = 0
-    written = 0
-    for index, _t, frame in iter_frames(job.path, sample_fps=0):
-        while nxt < len(analysed) and analysed[nxt] <= index:
-            current = by_frame.get(analysed[nxt])
-            nxt += 1
-        if current is not None and index <= analysed[-1]:
-            for r in current.itertuples():
-                c = colors[int(r.track) % len(colors)] if pd.notna(r.track) else (255, 255, 255)
-                p1, p2 = (int(r.x1), int(r.y1)), (int(r.x2), int(r.y2))
-                cv2.rectangle(frame, p1, p2, c, 2)
-                label = f"#{r.track} {r.emotion} {getattr(r, r.emotion):.2f}"
-                (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.55, 1)
-                cv2.rectangle(frame, (p1[0], p1[1] - th - 8), (p1[0] + tw + 6, p1[1]), c, -1)
-                cv2.putText(frame, label, (p1[0] + 3, p1[1] - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1,
-                            cv2.LINE_AA)  # fmt: skip
-        writer.write(frame)
-        written += 1
-    writer.release()
-    return written

@@ -1,8 +1,8 @@
-"""Celery tasks: thin wrappers around worker.jobs. Models load once per worker process, after the fork.
+"""Celery tasks: thin wrappers around worker.queue.jobs. Models load once per worker process, after the fork.
 
 A message is (job id, segment index, run). The task claims the segment in the database, so a repeated, late or
-stale message does nothing; database outages are waited out inside the task (worker.db.with_db_retry) rather than
-by Celery retries, which would pull every queued message into the worker's memory as delayed retries.
+stale message does nothing; database outages are waited out inside the task (worker.store.db.with_db_retry)
+rather than by Celery retries, which would pull every queued message into the worker's memory as delayed retries.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import signal
 import threading
 
 from celery import Task
+from sqlalchemy.orm import sessionmaker
 
 from fervid.errors import FervidError
-from fervid.worker.celery_app import app
-from fervid.worker.db import open_database_waiting
-from fervid.worker.jobs import Claim, mark_enqueued, run_segment
-from fervid.worker.media import media_roots
-from fervid.worker.settings import QueuePolicy
+from fervid.worker.pipeline.media import media_roots
+from fervid.worker.queue.celery_app import app
+from fervid.worker.queue.jobs import Claim, mark_enqueued, run_segment
+from fervid.worker.settings import Options, QueuePolicy
+from fervid.worker.store.db import open_database_waiting
 
 log = logging.getLogger("fervid.worker")
 POLICY = QueuePolicy.from_env()
@@ -32,7 +33,7 @@ def _hand_back_on_sigterm(_signum: int, _frame: object) -> None:
 
 
 @functools.cache
-def sessions():  # noqa: ANN201
+def sessions() -> sessionmaker:
     return open_database_waiting(POLICY)
 
 
@@ -41,9 +42,9 @@ def analyzer_for(model: str, sha256: str):  # noqa: ANN201
     """The models of a job: exactly the weights it was submitted with (their checksum), or a clear error."""
     import os
 
-    from fervid.worker.pipeline import Analyzer
+    from fervid.worker.pipeline.frames_to_rows import Analyzer
 
-    analyzer = Analyzer(model, os.environ.get("FERVID_DEVICE", "auto"))
+    analyzer = Analyzer(model, os.environ.get("FERVID_DEVICE", Options.device))
     if analyzer.classifier.sha256 != sha256:
         raise FervidError(
             f"{model}: the weights here (sha256 {analyzer.classifier.sha256[:12]}...) are not the ones the job was "
@@ -76,13 +77,13 @@ def _requeue(claim: Claim) -> None:
     send(sessions(), claim.job_id, claim.run, [claim.idx], claim.priority)
 
 
-def enqueue(job_id: int, run: int, segments: list[int], priority: int = 0) -> None:
+def enqueue(job_id: int, run: int, segments: list[int], priority: int = Options.priority) -> None:
     """Send a job's segment messages. Higher priority (0-9) runs first."""
     for idx in segments:
         analyze_segment.apply_async((job_id, idx, run), priority=max(0, min(9, 9 - priority)))
 
 
-def send(sessions_, job_id: int, run: int, segments: list[int], priority: int = 0) -> None:  # noqa: ANN001
+def send(sessions_: sessionmaker, job_id: int, run: int, segments: list[int], priority: int = Options.priority) -> None:
     """Send the messages, then record that they were sent (a segment not marked sent is sent by the sweeper)."""
     enqueue(job_id, run, segments, priority)
     mark_enqueued(sessions_, job_id, run, segments, POLICY)

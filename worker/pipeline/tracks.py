@@ -4,7 +4,8 @@ Each track predicts where its face will be (constant velocity of the box centre 
 new frame are matched to the predictions by the Hungarian algorithm on a cost of box overlap (IoU) and landmark
 distance. A track survives missed detections for `max_gap_s` of video time, so a blink of the detector or a
 face briefly hidden keeps its id; two people crossing keep theirs because their predicted paths diverge.
-Tracks are assigned over a whole job in frame order, so the segments of a long video join up.
+Tracks are assigned over a whole job in frame order, so the segments of a long video join up
+(worker.store.rows.assign_tracks runs a Tracker over a job's stored faces).
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sqlalchemy import select, tuple_, update
-from sqlalchemy.orm import Session
-
-from fervid.worker.schema import Face
 
 MAX_COST = 1.5
+MAX_GAP_S = 1.0  # video seconds a track waits for its face to be found again
 
 
 @dataclass
@@ -44,7 +42,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class Tracker:
-    def __init__(self, max_gap_s: float = 1.0) -> None:
+    def __init__(self, max_gap_s: float = MAX_GAP_S) -> None:
         self.max_gap_ms = max_gap_s * 1000
         self.tracks: list[_Track] = []
         self.next_id = 0
@@ -75,40 +73,3 @@ class Tracker:
                 ids[c] = self.next_id
                 self.next_id += 1
         return ids
-
-
-def assign_tracks(session: Session, job_id: int, max_gap_s: float = 1.0, chunk: int = 20_000) -> int:
-    """Link all faces of a job into tracks and store each face's track id, in the caller's transaction; returns
-    the number of tracks. Faces are read and updated a chunk at a time (keyset pages in frame order), so memory
-    holds one chunk and the live tracks, however long the job."""
-    tracker = Tracker(max_gap_s)
-    cols = (Face.frame_index, Face.face, Face.time_ms, Face.x1, Face.y1, Face.x2, Face.y2, Face.landmarks)
-    after: tuple[int, int] = (-1, -1)
-    pending: list[tuple] = []  # the faces of a frame that may continue on the next page
-    while True:
-        page = session.execute(
-            select(*cols).where(Face.job_id == job_id, tuple_(Face.frame_index, Face.face) > after)
-            .order_by(Face.frame_index, Face.face).limit(chunk)
-        ).all()  # fmt: skip
-        if page:
-            after = (page[-1][0], page[-1][1])
-        rows = pending + list(page)
-        last_frame = rows[-1][0] if page and len(page) == chunk else None  # may be cut: keep it for next page
-        pending = [r for r in rows if r[0] == last_frame]
-        todo = [r for r in rows if r[0] != last_frame]
-        updates = []
-        i = 0
-        while i < len(todo):
-            j = i
-            while j < len(todo) and todo[j][0] == todo[i][0]:
-                j += 1
-            frame = todo[i:j]
-            ids = tracker.update(frame[0][2], np.array([r[3:7] for r in frame], dtype=np.float64),
-                                 np.array([r[7] for r in frame], dtype=np.float64))  # fmt: skip
-            updates += [{"job_id": job_id, "frame_index": r[0], "face": r[1], "track": t}
-                        for r, t in zip(frame, ids, strict=True)]  # fmt: skip
-            i = j
-        if updates:
-            session.execute(update(Face), updates)
-        if len(page) < chunk:  # the last page (a frame is only held back from a full page)
-            return tracker.next_id

@@ -18,16 +18,15 @@ import json
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from fervid.worker.jobs import ACTIVE, _aware, _lock_job, _now, _segment, finish_job, record_death
-from fervid.worker.schema import Job, Segment
+from fervid.worker.queue.jobs import as_utc, finish_job, lock_job, lock_segment, per_job, record_death, utcnow
 from fervid.worker.settings import QueuePolicy
+from fervid.worker.store.schema import ACTIVE, Job, Segment, Status
 
 log = logging.getLogger("fervid.sweeper")
 ADVISORY_LOCK = 0x66657276  # "ferv": one sweeper at a time across all workers of a PostgreSQL database
@@ -39,21 +38,21 @@ Send = Callable[[int, int, list[int], int], None]  # (job, run, segments, priori
 def reclaim_expired(sessions: sessionmaker, policy: QueuePolicy) -> list[tuple[int, int, int]]:
     """Segments whose lease ran out: a death each; queued again, or the job failed at the poison limit.
     Returns (job, run, segment) to send again."""
-    now = _now()
+    now = utcnow()
     with sessions() as s:
         candidates = s.execute(
             select(Segment.job_id, Segment.idx).join(Job, Job.id == Segment.job_id)
-            .where(Segment.status == "running", Segment.lease_until < now, Job.status.in_(ACTIVE))
+            .where(Segment.status == Status.RUNNING, Segment.lease_until < now, Job.status.in_(ACTIVE))
         ).all()  # fmt: skip
     out = []
     for job_id, idx in candidates:
         with sessions.begin() as s:
-            job = _lock_job(s, job_id, skip_locked=True)  # busy: someone is writing it; look next time
+            job = lock_job(s, job_id, skip_locked=True)  # busy: someone is writing it; look next time
             if job is None or job.status not in ACTIVE:
                 continue
-            seg = _segment(s, job_id, idx)
-            lease = _aware(seg.lease_until) if seg is not None else None
-            if seg is None or seg.status != "running" or lease is None or lease >= _now():
+            seg = lock_segment(s, job_id, idx)
+            lease = as_utc(seg.lease_until) if seg is not None else None
+            if seg is None or seg.status != Status.RUNNING or lease is None or lease >= utcnow():
                 continue
             owner = seg.lease_owner
             if record_death(s, job, seg, policy):
@@ -69,12 +68,12 @@ def reclaim_expired(sessions: sessionmaker, policy: QueuePolicy) -> list[tuple[i
 def finish_stuck(sessions: sessionmaker) -> list[int]:
     """Jobs still running whose segments are all done (a finish cut short): finished now."""
     with sessions() as s:
-        not_done = select(Segment.job_id).where(Segment.status != "done")
-        ids = s.scalars(select(Job.id).where(Job.status == "running", Job.id.not_in(not_done))).all()
+        not_done = select(Segment.job_id).where(Segment.status != Status.DONE)
+        ids = s.scalars(select(Job.id).where(Job.status == Status.RUNNING, Job.id.not_in(not_done))).all()
     finished = []
     for job_id in ids:
         with sessions.begin() as s:
-            job = _lock_job(s, job_id, skip_locked=True)
+            job = lock_job(s, job_id, skip_locked=True)
             if job is not None and finish_job(s, job):
                 log.warning("job %s: all segments were done; finished it", job_id)
                 finished.append(job_id)
@@ -83,11 +82,11 @@ def finish_stuck(sessions: sessionmaker) -> list[int]:
 
 def unsent(sessions: sessionmaker, policy: QueuePolicy) -> list[tuple[int, int, int]]:
     """Queued segments whose message was never sent (or was handed back and not re-sent)."""
-    old = _now() - dt.timedelta(seconds=policy.enqueue_grace_s)
+    old = utcnow() - dt.timedelta(seconds=policy.enqueue_grace_s)
     with sessions() as s:
         return [tuple(r) for r in s.execute(
             select(Segment.job_id, Job.run, Segment.idx).join(Job, Job.id == Segment.job_id)
-            .where(Segment.status == "queued", Segment.enqueued_at.is_(None), Job.status.in_(ACTIVE),
+            .where(Segment.status == Status.QUEUED, Segment.enqueued_at.is_(None), Job.status.in_(ACTIVE),
                    Job.created_at < old)
         )]  # fmt: skip
 
@@ -148,11 +147,11 @@ class RedisView:
 def lost_messages(sessions: sessionmaker, policy: QueuePolicy, broker: RedisView) -> list[tuple[int, int, int]]:
     """Queued segments (sent a while ago) that have no message a live worker will get: lost with Redis' data, or
     stranded in the unacknowledged set by a worker that died before starting them."""
-    old = _now() - dt.timedelta(seconds=policy.enqueue_grace_s)
+    old = utcnow() - dt.timedelta(seconds=policy.enqueue_grace_s)
     with sessions() as s:
         waiting = [tuple(r) for r in s.execute(
             select(Segment.job_id, Job.run, Segment.idx).join(Job, Job.id == Segment.job_id)
-            .where(Segment.status == "queued", Segment.enqueued_at < old, Job.status.in_(ACTIVE))
+            .where(Segment.status == Status.QUEUED, Segment.enqueued_at < old, Job.status.in_(ACTIVE))
         )]  # fmt: skip
     if not waiting:
         return []
@@ -180,15 +179,12 @@ def sweep(sessions: sessionmaker, policy: QueuePolicy, send: Send, broker: Redis
             if isinstance(e, SQLAlchemyError):
                 raise
             log.warning("could not look for lost messages: %s", str(e).splitlines()[0] if str(e) else type(e))
-    by_job: dict[tuple[int, int], set[int]] = defaultdict(set)
-    for job_id, run, idx in todo:
-        by_job[(job_id, run)].add(idx)
     with sessions() as s:
-        priority = dict(s.execute(select(Job.id, Job.priority).where(Job.id.in_([j for j, _ in by_job]))).all())
-    for (job_id, run), idxs in by_job.items():
-        send(job_id, run, sorted(idxs), priority.get(job_id, 0))
+        batches = per_job(s, todo)
+    for job_id, run, idxs, priority in batches:
+        send(job_id, run, idxs, priority)
         log.info("job %s: sent %d segment message(s) again", job_id, len(idxs))
-    return {"reclaimed": reclaimed, "finished": len(finished), "sent": sum(len(v) for v in by_job.values())}
+    return {"reclaimed": reclaimed, "finished": len(finished), "sent": sum(len(b[2]) for b in batches)}
 
 
 class Sweeper(threading.Thread):

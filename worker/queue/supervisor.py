@@ -5,7 +5,7 @@ fork (CUDA must not be initialised before a fork), and a child killed mid-segmen
 queue at once. Processes that exit are restarted. Ctrl-C or SIGTERM (docker stop) stops them all: each pool child
 hands its segment back between two batches (a second or so), well inside Docker's stop grace period.
 
-This process also runs the sweeper (worker.sweeper), which recovers what dead workers and lost messages leave.
+This process also runs the sweeper (worker.queue.sweeper), which recovers what dead workers and lost messages leave.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 
 from fervid.errors import FervidError
+from fervid.worker.settings import Options
+
+# The Celery application each worker process runs (module path, as `celery -A` takes it).
+CELERY_APP = "fervid.worker.queue.celery_app"
 
 
 def _gpus(spec: str | None) -> list[str]:
@@ -44,7 +48,7 @@ def threads_per_worker(concurrency: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(concurrency, 1))
 
 
-def worker_commands(gpus: str | None, concurrency: int, loglevel: str = "INFO") -> list[tuple[str, dict]]:
+def worker_commands(gpus: str | None, concurrency: int, loglevel: str = Options.loglevel) -> list[tuple[str, dict]]:
     """(name, environment) of each worker process to start."""
     ids = _gpus(gpus)
     base = os.environ.copy()
@@ -61,7 +65,7 @@ def worker_commands(gpus: str | None, concurrency: int, loglevel: str = "INFO") 
 
 
 def _start(name: str, env: dict, loglevel: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "celery", "-A", "fervid.worker.celery_app", "worker", "--pool", "prefork",
+    cmd = [sys.executable, "-m", "celery", "-A", CELERY_APP, "worker", "--pool", "prefork",
            "--concurrency", "1", "--hostname", f"{name}@%h", "--loglevel", loglevel, "-Q", "fervid",
            "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
     return subprocess.Popen(cmd, env=env)
@@ -84,11 +88,11 @@ def _start_sweeper():  # noqa: ANN202
     """The sweeper thread; None when the database cannot be opened yet (the workers wait for it too)."""
     import logging
 
-    from fervid.worker.celery_app import PRIORITY_STEPS, QUEUE, SEP, broker_url
-    from fervid.worker.db import open_database
+    from fervid.worker.queue.celery_app import PRIORITY_STEPS, QUEUE, SEP, broker_url
+    from fervid.worker.queue.sweeper import RedisView, Sweeper
+    from fervid.worker.queue.tasks import send
     from fervid.worker.settings import QueuePolicy
-    from fervid.worker.sweeper import RedisView, Sweeper
-    from fervid.worker.tasks import send
+    from fervid.worker.store.db import open_database
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/sweeper] %(message)s")
     try:
@@ -102,8 +106,8 @@ def _start_sweeper():  # noqa: ANN202
     return sweeper
 
 
-def run(gpus: str | None, concurrency: int, loglevel: str = "INFO") -> int:
-    from fervid.worker.media import media_roots
+def run(gpus: str | None, concurrency: int = Options.concurrency, loglevel: str = Options.loglevel) -> int:
+    from fervid.worker.pipeline.media import media_roots
 
     media_roots()  # a worker that may read no video would fail every segment it takes: refuse to start instead
     specs = worker_commands(gpus, concurrency, loglevel)

@@ -6,8 +6,8 @@ Settings come from the environment (never logged with credentials):
 
 Redis' visibility timeout is longer than a segment may run, so Redis never hands a running segment out twice.
 It is not what recovers from a dead worker: segment leases in the database and the sweeper do that, in about a
-minute (worker.jobs, worker.sweeper); a message that Redis restores hours later finds its segment done and does
-nothing.
+minute (worker.queue.jobs, worker.queue.sweeper); a message that Redis restores hours later finds its segment done
+and does nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def broker_url() -> str:
     return os.environ.get("FERVID_BROKER_URL", "redis://localhost:6379/0")
 
 
-app = Celery("fervid", include=["fervid.worker.tasks"])
+app = Celery("fervid", include=["fervid.worker.queue.tasks"])
 app.conf.update(
     broker_url=broker_url(),
     task_serializer="json",

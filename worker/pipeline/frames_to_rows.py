@@ -1,7 +1,8 @@
 """Video to timeline rows: sampled frames -> RetinaFace -> aligned 48x48 crops -> emotion CNN, in batches.
 
-`Analyzer` holds the models (loaded once per process); `iter_rows` turns a time range of a video into compact
-rows. Nothing here touches the database: the job lifecycle (worker.jobs) stores what this produces.
+`Analyzer` holds the models (loaded once per process); `iter_batches` turns a time range of a video into the faces
+of its sampled frames, which `SegmentRows` holds compactly. Nothing here touches the database: the job lifecycle
+(worker.queue.jobs) stores what this produces, through worker.store.rows.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import numpy as np
 import torch
 
 from fervid.errors import FervidError
+from fervid.model.config import CLASSES
 from fervid.model.device import resolve_device
 from fervid.model.loader import load_model, model_identity
 from fervid.model.retinaface import Detections, load_retinaface
-from fervid.worker.crops import align_faces
-from fervid.worker.schema import EMOTIONS
-from fervid.worker.settings import Settings
-from fervid.worker.video import DecodeState, FrameBatches, VideoInfo
+from fervid.worker.pipeline.crops import align_faces
+from fervid.worker.pipeline.video import DecodeState, FrameBatches, VideoInfo
+from fervid.worker.settings import Options, Settings
 
 DETECTOR = "retinaface-mnet0.25"
 DEFAULT_SETTINGS = Settings()
+
+
 @dataclass
 class FrameFaces:
     """The faces found in one frame, on the CPU, ready to store."""
@@ -54,13 +57,14 @@ class StageTimes:
 class Analyzer:
     """The detector and the emotion model on one device, loaded once and reused for every job."""
 
-    def __init__(self, model: str = Settings.model, device: str = "auto") -> None:
+    def __init__(self, model: str = Settings.model, device: str = Options.device) -> None:
         self.device = resolve_device(device)
         self.classifier = load_model(model, device=self.device)
         self.detector = load_retinaface(self.device)
         # What a job records as its model: a shipped name, or the weights file's absolute path.
         self.model_id = model_identity(model)[0]
-        if tuple(c.lower() for c in self.classifier.classes) != EMOTIONS:
+        # The stored rows name each probability by its place in CLASSES (worker.store.schema.EMOTIONS).
+        if tuple(self.classifier.classes) != CLASSES:
             raise FervidError(f"model {model!r} predicts {self.classifier.classes}, not the 7 FER2013 classes")
 
     @property
@@ -89,7 +93,8 @@ class Analyzer:
             crops = None
         t = times.add("crop", t, dev)
 
-        probs = self.classifier.predict_proba(crops).numpy() if crops is not None else np.empty((0, 7), np.float32)
+        probs = (self.classifier.predict_proba(crops).numpy() if crops is not None
+                 else np.empty((0, len(CLASSES)), np.float32))  # fmt: skip
         t = times.add("classify", t, dev)
 
         out, start = [], 0
@@ -133,35 +138,17 @@ class SegmentRows:
                                 np.concatenate([f.probs for f in faces]).astype(np.float32)))  # fmt: skip
             self.n_faces += int(counts.sum())
 
-    def frame_dicts(self, job_id: int, chunk: int = 5000) -> Iterator[list[dict]]:
-        rows: list[dict] = []
+    def frames(self) -> Iterator[tuple[int, float, int]]:
+        """(frame index, time ms, number of faces) of every analysed frame, in order."""
         for idx, t_ms, counts in self._frames:
-            for i, t, n in zip(idx.tolist(), t_ms.tolist(), counts.tolist(), strict=True):
-                rows.append({"job_id": job_id, "frame_index": i, "time_ms": t, "n_faces": n})
-                if len(rows) == chunk:
-                    yield rows
-                    rows = []
-        if rows:
-            yield rows
+            yield from zip(idx.tolist(), t_ms.tolist(), counts.tolist(), strict=True)
 
-    def face_dicts(self, job_id: int, chunk: int = 5000) -> Iterator[list[dict]]:
-        rows: list[dict] = []
+    def faces(self) -> Iterator[tuple[int, int, float, np.ndarray, float, np.ndarray, np.ndarray]]:
+        """(frame index, face, time ms, box [4], detection score, landmarks [5, 2], probabilities [7]) of every
+        face, in order."""
         for frame, face, t_ms, boxes, scores, lms, probs in self._faces:
             for k in range(len(frame)):
-                p = probs[k]
-                row = {"job_id": job_id, "frame_index": int(frame[k]), "face": int(face[k]), "time_ms": float(t_ms[k]),
-                       "x1": float(boxes[k, 0]), "y1": float(boxes[k, 1]),
-                       "x2": float(boxes[k, 2]), "y2": float(boxes[k, 3]),
-                       "det_score": float(scores[k]),
-                       "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in lms[k]],
-                       "emotion": EMOTIONS[int(p.argmax())]}  # fmt: skip
-                row.update({name: float(p[c]) for c, name in enumerate(EMOTIONS)})
-                rows.append(row)
-                if len(rows) == chunk:
-                    yield rows
-                    rows = []
-        if rows:
-            yield rows
+                yield int(frame[k]), int(face[k]), float(t_ms[k]), boxes[k], float(scores[k]), lms[k], probs[k]
 
 
 def iter_batches(
@@ -170,12 +157,12 @@ def iter_batches(
     settings: Settings,
     analyzer: Analyzer,
     times: StageTimes,
-    batch_size: int = 16,
+    batch_size: int = Options.batch_size,
     roots: list[Path] | None = None,
 ) -> Iterator[tuple[list[int], list[float], list[FrameFaces]]]:
     """(frame indices, timestamps ms, faces) per batch of the sampled frames in settings' time range; then checks
     that a range running to the end of the video really reached it (truncated files fail). `roots`: the media
-    roots the opened file must lie under (worker.media.open_media)."""
+    roots the opened file must lie under (worker.pipeline.media.open_media)."""
     with FrameBatches(path, settings.sample_fps, settings.start_s, settings.end_s, batch_size,
                       roots=roots) as batches:  # fmt: skip
         for batch in batches:

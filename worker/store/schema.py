@@ -1,8 +1,11 @@
-"""The emotion timeline's tables (SQLAlchemy 2.0 ORM). Alembic migrations in worker/migrations create them."""
+"""The emotion timeline's tables (SQLAlchemy 2.0 ORM), and the vocabulary stored in them: job and segment states,
+and the emotions' column names. Alembic migrations in worker/store/migrations create the tables.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from enum import StrEnum
 
 from sqlalchemy import (
     JSON,
@@ -19,7 +22,28 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+from fervid.model.config import CLASSES
+from fervid.worker.settings import Options, Settings
+
+# The emotion columns of `faces` and of every timeline and export: the model's classes, in its output order, as
+# lower-case column names. Derived here only; everything else in the worker reads EMOTIONS.
+EMOTIONS: tuple[str, ...] = tuple(c.lower() for c in CLASSES)
+
+
+class Status(StrEnum):
+    """The state of a job, or of one of its segments: queued -> running -> done | failed, only forward.
+
+    The values are what the `status` columns hold (a StrEnum compares equal to them, so rows read back as plain
+    strings still match)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+ACTIVE = (Status.QUEUED, Status.RUNNING)  # a job or segment that has not ended
+ENDED = (Status.DONE, Status.FAILED)
 
 
 class Base(DeclarativeBase):
@@ -32,12 +56,12 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    # What identifies "the same job": content hash + settings (see pipeline.job_key).
+    # What identifies "the same job": content hash + settings + models (see worker.queue.jobs.job_key).
     job_key: Mapped[str] = mapped_column(String(64), unique=True)
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=Status.QUEUED, index=True)
     error: Mapped[str | None] = mapped_column(Text)
     # Video properties, as read from the container.
     duration_s: Mapped[float | None] = mapped_column(Float)
@@ -48,12 +72,12 @@ class Job(Base):
     codec: Mapped[str | None] = mapped_column(String(16))
     # Settings.
     sample_fps: Mapped[float] = mapped_column(Float)
-    start_s: Mapped[float] = mapped_column(Float, default=0.0)
+    start_s: Mapped[float] = mapped_column(Float, default=Settings.start_s)
     end_s: Mapped[float | None] = mapped_column(Float)
     model: Mapped[str] = mapped_column(Text)  # a shipped model's name, or the absolute path of a weights file
-    score_threshold: Mapped[float] = mapped_column(Float, default=0.9)
-    min_face: Mapped[int] = mapped_column(Integer, default=48)
-    max_faces: Mapped[int] = mapped_column(Integer, default=64)
+    score_threshold: Mapped[float] = mapped_column(Float, default=Settings.score_threshold)
+    min_face: Mapped[int] = mapped_column(Integer, default=Settings.min_face)
+    max_faces: Mapped[int] = mapped_column(Integer, default=Settings.max_faces)
     model_sha256: Mapped[str] = mapped_column(String(64))
     detector: Mapped[str] = mapped_column(String(64))
     # Each submit that starts the job over (--force, or after a failure) is a new run; messages carry the run
@@ -65,7 +89,7 @@ class Job(Base):
     timings: Mapped[dict | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(128))
     # Queue settings (fervid submit): higher priority runs first; long videos run as segments of segment_s.
-    priority: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[int] = mapped_column(Integer, default=Options.priority)
     segment_s: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -82,7 +106,7 @@ class Segment(Base):
     start_s: Mapped[float] = mapped_column(Float)
     end_s: Mapped[float | None] = mapped_column(Float)  # None: to the end of the video
     run: Mapped[int] = mapped_column(Integer, default=1)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=Status.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # each start; the latest one is the lease's token
     deaths: Mapped[int] = mapped_column(Integer, default=0)  # starts that never ended (the worker died)
     lease_owner: Mapped[str | None] = mapped_column(String(128))  # host:pid of the process running it
@@ -122,23 +146,23 @@ class Face(Base):
     frame_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     face: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     time_ms: Mapped[float] = mapped_column(Float)
-    track: Mapped[int | None] = mapped_column(Integer)  # the person, across frames (worker.tracks)
+    track: Mapped[int | None] = mapped_column(Integer)  # the person, across frames (worker.store.rows)
     x1: Mapped[float] = mapped_column(Float)
     y1: Mapped[float] = mapped_column(Float)
     x2: Mapped[float] = mapped_column(Float)
     y2: Mapped[float] = mapped_column(Float)
     det_score: Mapped[float] = mapped_column(Float)
     landmarks: Mapped[list] = mapped_column(JSON)  # [[x, y] * 5]: eyes, nose, mouth corners
-    angry: Mapped[float] = mapped_column(Float)
-    disgust: Mapped[float] = mapped_column(Float)
-    fear: Mapped[float] = mapped_column(Float)
-    happy: Mapped[float] = mapped_column(Float)
-    sad: Mapped[float] = mapped_column(Float)
-    surprise: Mapped[float] = mapped_column(Float)
-    neutral: Mapped[float] = mapped_column(Float)
-    emotion: Mapped[str] = mapped_column(String(16))
+    # ...and one probability column per name in EMOTIONS, added below the class.
+    emotion: Mapped[str] = mapped_column(String(16))  # the most probable of EMOTIONS
 
     __table_args__ = (
         Index("ix_faces_job_time", "job_id", "time_ms"),
         Index("ix_faces_job_track_time", "job_id", "track", "time_ms"),
     )
+
+
+# The probability columns, from EMOTIONS rather than spelled out again (declarative maps columns added to a mapped
+# class as if they had been declared in it).
+for _emotion in EMOTIONS:
+    setattr(Face, _emotion, mapped_column(_emotion, Float, nullable=False))

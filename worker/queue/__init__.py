@@ -1,0 +1,1 @@
+"""Jobs through their lifecycle, in this process or on the Celery queue: tasks, workers, sweeper, clients."""

@@ -1,0 +1,1 @@
+"""The database: schema and migrations, connections, writing a job's rows, queries and exports."""
