@@ -340,6 +340,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return run(args.gpus, args.concurrency, args.loglevel)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fervid.server.app import create_app
+    from fervid.server.auth import check_listen
+    from fervid.worker.settings import ServerSettings
+
+    settings = ServerSettings.from_env()
+    check_listen(args.host, settings.api_tokens)
+    app = create_app(settings, db=args.db)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _device(name: str) -> str:
     from fervid.model.device import resolve_device
 
@@ -450,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU worker processes when there is no GPU")  # fmt: skip
     wk.add_argument("--loglevel", default=default("loglevel", Options))
     wk.set_defaults(func=_cmd_worker)
+
+    sv = sub.add_parser("serve", help="the HTTP API and its web page (FastAPI on uvicorn); jobs run in-process "
+                        "unless FERVID_BROKER_URL names the queue")  # fmt: skip
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (not loopback: FERVID_API_TOKENS needed)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--db", help="SQLAlchemy database URL (default: FERVID_DATABASE_URL, else the SQLite file)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=_cmd_serve)
 
     tl = sub.add_parser("timeline", help="a job's per-frame emotion timeline, per track")
     tl.add_argument("job", type=int)

@@ -47,6 +47,8 @@ def test_the_wheel_imports_beside_a_users_own_model_worker_and_training(tmp_path
         "import fervid, fervid.api, fervid.model.loader, fervid.training.train\n"
         "import fervid.worker.pipeline.frames_to_rows, fervid.worker.store.rows, fervid.worker.render\n"
         "import fervid.worker.queue.client, fervid.worker.queue.supervisor, fervid.worker.queue.sweeper\n"
+        "import fervid.server.app as a; assert (a.HERE / 'templates/job.html').is_file()\n"
+        "assert (a.HERE / 'static/uPlot.iife.min.js').is_file()\n"
         "import model, worker, training\n"  # the user's own still import, and exit: run it last
     )
     proc = subprocess.run([py, "-c", probe], cwd=work, capture_output=True, text=True, timeout=300)

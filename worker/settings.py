@@ -122,3 +122,44 @@ class QueuePolicy:
 def validate_segment_s(segment_s: float) -> None:
     if not math.isfinite(segment_s) or segment_s < 1:
         raise FervidError(f"--segment must be a finite number of seconds >= 1, got {segment_s}")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """`fervid serve`'s settings, each from an environment variable FERVID_<FIELD> (e.g. FERVID_MAX_UPLOAD_BYTES).
+    Secrets (api_tokens, webhook_secret, cursor_secret) are read here and never logged."""
+
+    api_tokens: tuple[str, ...] = ()  # FERVID_API_TOKENS, comma-separated; none: only loopback may listen
+    upload_dir: str = ""  # "": FERVID_HOME/uploads; uploaded videos are streamed here (it is a media root)
+    max_upload_bytes: int = 2 * 1024**3
+    webhook_secret: str = ""  # callbacks are signed with HMAC-SHA256 under it; none: callback_url is refused
+    webhook_attempts: int = 6  # deliveries tried per ended job, at webhook_backoff_s * 2**n apart
+    webhook_backoff_s: float = 2.0
+    webhook_timeout_s: float = 10.0
+    webhook_poll_s: float = 1.0  # how often ended jobs with a callback are looked for (any worker may end them)
+    # Cursors are signed so that a client cannot forge one; "": a random key per process (cursors then do not
+    # survive a restart, nor travel between several servers: set it for those).
+    cursor_secret: str = ""
+    max_page: int = 1000  # face rows per page
+    embedded_threads: int = 1  # segments run at once in-process when no broker is configured
+
+    @classmethod
+    def from_env(cls) -> ServerSettings:
+        values: dict = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"FERVID_{f.name.upper()}")
+            if raw is None:
+                continue
+            if f.name == "api_tokens":
+                values[f.name] = tuple(t.strip() for t in raw.split(",") if t.strip())
+            elif isinstance(f.default, str):
+                values[f.name] = raw
+            else:
+                kind = int if isinstance(f.default, int) else float
+                try:
+                    values[f.name] = kind(raw)
+                except ValueError:
+                    raise FervidError(f"FERVID_{f.name.upper()}={raw!r} is not a number") from None
+                if not math.isfinite(values[f.name]) or values[f.name] <= 0:
+                    raise FervidError(f"FERVID_{f.name.upper()} must be a positive number, got {raw!r}")
+        return dataclasses.replace(cls(), **values)

@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fervid.errors import FervidError
+from fervid.errors import FervidError, Forbidden
 
 # FFmpeg demuxers for the containers that `is_video_container()` accepts, and nothing else: no HLS, ffconcat,
 # image sequences or other demuxers that open further files or URLs. The mov demuxer's external data
@@ -78,7 +78,7 @@ def _kind(mode: int) -> str:
 
 
 def _outside(path: str | Path) -> FervidError:
-    return FervidError(f"{path}: outside the media roots (FERVID_MEDIA_ROOTS); refusing to read it")
+    return Forbidden(f"{path}: outside the media roots (FERVID_MEDIA_ROOTS); refusing to read it")
 
 
 def check_media_path(path: str | Path, roots: list[Path] | None = None) -> Path:

@@ -8,8 +8,8 @@ or late, so every step here checks the row it acts on:
   queued for, and one of an older run is dropped;
 - a running segment holds a lease (owner, expiry, and its attempt number as a token) that a thread of the working
   process renews; a write whose token is no longer the segment's own is discarded;
-- job status changes only under the job's row lock, and only forward (queued -> running -> done | failed:
-  worker.store.schema.Status);
+- job status changes only under the job's row lock, and only forward (queued -> running -> done | failed |
+  cancelled: worker.store.schema.Status); a cancel ends the job's unfinished segments with it;
 - the segment that writes the last rows finishes the job in the same transaction, and anyone who later finds a
   job with every segment done but not finished (a redelivery, the sweeper) finishes it.
 Transient database errors are retried with backoff (worker.store.db.with_db_retry); computed rows wait in memory.
@@ -32,12 +32,12 @@ from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fervid.checksum import sha256_file
-from fervid.errors import FervidError
+from fervid.errors import FervidError, NotFound
 from fervid.model.loader import model_identity
 from fervid.worker.pipeline.frames_to_rows import DETECTOR, Analyzer, SegmentRows, StageTimes, iter_batches
 from fervid.worker.pipeline.media import check_media_path, media_roots
@@ -215,9 +215,12 @@ def submit(
     force: bool = False,
     versions: dict[str, str] | None = None,
     policy: QueuePolicy | None = None,
+    tag: str | None = None,
+    callback_url: str | None = None,
 ) -> Submitted:
     """Record the job and its segments (queued), in one transaction. The caller then sends the messages
-    (`send`); a job whose messages never went out is sent by the sweeper."""
+    (`send`); a job whose messages never went out is sent by the sweeper. A duplicate keeps its own tag and
+    callback; a job started over takes the new ones."""
     policy = policy or QueuePolicy.from_env()
     segment_s = policy.segment_s if segment_s is None else segment_s
     settings.validate()
@@ -233,11 +236,12 @@ def submit(
     def txn() -> Submitted:
         with sessions.begin() as s:
             job = s.scalar(select(Job).where(Job.job_key == key).with_for_update())
-            if job is not None and job.status != Status.FAILED and not force:
+            if job is not None and job.status not in (Status.FAILED, Status.CANCELLED) and not force:
                 n = s.scalar(select(func.count()).select_from(Segment).where(Segment.job_id == job.id))
                 return Submitted(path, job.id, job.run, list(range(n)), job.priority, True, job.status)
             job = _reset(s, real, sha, settings, versions)  # new, or failed / --force: start over
-            job.priority = priority
+            job.priority, job.tag, job.callback_url = priority, tag, callback_url
+            job.webhook_status = job.webhook_next_at = job.webhook_deliveries = None
             idxs = _add_segments(s, job, info, segment_s, policy)
             return Submitted(path, job.id, job.run, idxs, priority, False, Status.QUEUED)
 
@@ -462,6 +466,48 @@ def finish_job(s: Session, job: Job) -> bool:
     return True
 
 
+def cancel_job(sessions: sessionmaker, job_id: int, policy: QueuePolicy | None = None) -> str:
+    """Cancel a job that has not ended: it and its unfinished segments become cancelled in one transaction, so no
+    worker starts them (claim_segment skips an ended job) and a running segment's write is discarded (`_ours`),
+    its lease no longer renewed. Returns the job's status afterwards (a job that had ended keeps its own); raises
+    NotFound for an unknown job."""
+    policy = policy or QueuePolicy.from_env()
+
+    def txn() -> str:
+        with sessions.begin() as s:
+            job = lock_job(s, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id} in this database")
+            if job.status not in ACTIVE:
+                return job.status
+            now = utcnow()
+            unfinished = update(Segment).where(Segment.job_id == job_id, Segment.status.in_(ACTIVE))
+            s.execute(unfinished.values(status=Status.CANCELLED, lease_owner=None, lease_until=None, finished_at=now))
+            job.status, job.error, job.finished_at = Status.CANCELLED, "cancelled", now
+            return job.status
+
+    return with_db_retry(txn, policy, f"cancelling job {job_id}")
+
+
+def delete_job(sessions: sessionmaker, job_id: int, policy: QueuePolicy | None = None) -> str:
+    """Delete a job and all its rows (a running one is cancelled by the same transaction: its worker's write
+    finds no job and is dropped). Returns the deleted job's path; raises NotFound for an unknown job."""
+    policy = policy or QueuePolicy.from_env()
+
+    def txn() -> str:
+        with sessions.begin() as s:
+            job = lock_job(s, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id} in this database")
+            for table in (Face, Frame, Segment):
+                s.execute(delete(table).where(table.job_id == job_id))
+            path = job.path
+            s.delete(job)
+            return path
+
+    return with_db_retry(txn, policy, f"deleting job {job_id}")
+
+
 def fail_segment(sessions: sessionmaker, claim: Claim, error: str, policy: QueuePolicy) -> Outcome:
     """A segment that cannot succeed (a bad video, a permanent database error) fails its job."""
 
@@ -670,7 +716,7 @@ def job_status(session: Session, job_ids: list[int] | None = None,
     if job_ids:
         missing = sorted(set(job_ids) - {j.id for j in jobs})
         if missing:
-            raise FervidError(f"no job {', '.join(map(str, missing))} in this database")
+            raise NotFound(f"no job {', '.join(map(str, missing))} in this database")
     rows = []
     for job in sorted(jobs, key=lambda j: j.id):
         segs = session.scalars(select(Segment).where(Segment.job_id == job.id).order_by(Segment.idx)).all()
@@ -689,3 +735,25 @@ def job_status(session: Session, job_ids: list[int] | None = None,
             "error": job.error,
         })  # fmt: skip
     return rows
+
+
+def expected_frames(job: Job) -> int | None:
+    """The frames a job will analyse, from its time range, sampling rate and the video's header (None: unknown)."""
+    end_s = job.end_s if job.end_s is not None else job.duration_s
+    if not end_s:
+        return None
+    span = max(0.0, end_s - job.start_s)
+    # Frames are sampled at start, start + 1/fps, ... before the end.
+    return (math.ceil(span * job.sample_fps - 1e-9) if job.sample_fps else job.frame_count) or None
+
+
+def job_progress(session: Session, job_ids: list[int]) -> dict[int, dict]:
+    """Progress of many jobs in one query: segments done of total, frames and faces so far (the segments'
+    counts, which running segments' leases keep current)."""
+    if not job_ids:
+        return {}
+    done = func.sum(case((Segment.status == Status.DONE, 1), else_=0))
+    q = (select(Segment.job_id, func.count(), done, func.sum(Segment.frames), func.sum(Segment.faces))
+         .where(Segment.job_id.in_(job_ids)).group_by(Segment.job_id))  # fmt: skip
+    return {j: {"segments": n, "segments_done": int(d or 0), "frames": int(f or 0), "faces": int(fc or 0)}
+            for j, n, d, f, fc in session.execute(q)}  # fmt: skip

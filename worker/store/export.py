@@ -5,7 +5,9 @@ One column list (worker.store.query.TIMELINE_COLUMNS) and one precision (ROUNDIN
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -72,3 +74,53 @@ def write_timeline(df: pd.DataFrame, out: str | Path | TextIO, fmt: str = "csv")
     else:  # a table for people: empty cells where a frame has no face
         write_text(df.astype(object).where(df.notna(), "").to_string(index=False) + "\n", out)
     return len(df)
+
+
+def iter_csv(pages: Iterable[pd.DataFrame]) -> Iterator[bytes]:
+    """A timeline given page by page (worker.store.query.iter_face_pages) as CSV bytes, one chunk per page: a
+    download of any length in the memory of one page."""
+    header = True
+    for df in pages:
+        yield df.round(ROUNDING).to_csv(index=False, header=header).encode()
+        header = False
+    if header:
+        yield (",".join(TIMELINE_COLUMNS) + "\n").encode()
+
+
+class _Chunks(io.RawIOBase):
+    """A write-only file that keeps what was written until taken: pyarrow writes parquet into it, and each row
+    group's bytes are handed on as soon as it is written."""
+
+    def __init__(self) -> None:
+        self._buf, self._pos = bytearray(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:
+        self._buf += b
+        self._pos += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def take(self) -> bytes:
+        out, self._buf = bytes(self._buf), bytearray()
+        return out
+
+
+def iter_parquet(pages: Iterable[pd.DataFrame]) -> Iterator[bytes]:
+    """A timeline given page by page as a parquet file's bytes, one row group per page."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ints = {"job", "frame", "face", "track"}
+    schema = pa.schema([(c, pa.int64() if c in ints else pa.string() if c == "emotion" else pa.float64())
+                        for c in TIMELINE_COLUMNS])  # fmt: skip
+    sink = _Chunks()
+    with pq.ParquetWriter(sink, schema) as writer:
+        for df in pages:
+            writer.write_table(pa.Table.from_pandas(df.round(ROUNDING), schema=schema, preserve_index=False))
+            yield sink.take()
+    yield sink.take()

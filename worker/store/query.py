@@ -16,13 +16,13 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import and_, case, func, select, text
+from sqlalchemy import and_, case, func, select, text, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from fervid.errors import FervidError
+from fervid.errors import FervidError, NotFound
 from fervid.worker.settings import SMOOTH_METHODS, Options
 from fervid.worker.store.db import sessions_for
-from fervid.worker.store.schema import ACTIVE, EMOTIONS, Face, Frame, Job, Status
+from fervid.worker.store.schema import ACTIVE, EMOTIONS, Face, Frame, Job, Segment, Status
 
 # The columns of a timeline, and of every export of one (worker.store.export).
 TIMELINE_COLUMNS = ["job", "frame", "time_s", "face", "track", "x1", "y1", "x2", "y2", "det_score", *EMOTIONS,
@@ -33,7 +33,7 @@ def get_job(session: Session, job_id: int) -> Job:
     """The job, or a one-line FervidError: no such job, or it failed (with its reason: it has no result)."""
     job = session.get(Job, job_id)
     if job is None:
-        raise FervidError(f"no job {job_id} in this database")
+        raise NotFound(f"no job {job_id} in this database")
     if job.status == Status.FAILED:
         raise FervidError(f"job {job_id} ({job.path}) failed: {job.error}")
     return job
@@ -204,3 +204,143 @@ def summary(job_id: int, db: str | sessionmaker | None = None, window_s: float =
             )
         result["video"] = describe(per_track, per_second)
     return result
+
+
+# ------------------------------------------------------------------------------------------ pages (HTTP clients)
+
+# A face row's key in time order: frame indices grow with time, and the (job, frame, face) primary key serves
+# keyset pages without an OFFSET scan.
+FaceKey = tuple[int, int]
+
+
+def list_jobs(session: Session, status: str | None = None, tag: str | None = None, limit: int = 50,
+              before_id: int | None = None) -> list[Job]:  # fmt: skip
+    """Jobs newest first (by id), optionally of one status and tag, those older than `before_id` (a page's end)."""
+    q = select(Job).order_by(Job.id.desc()).limit(limit)
+    if status:
+        q = q.where(Job.status == status)
+    if tag:
+        q = q.where(Job.tag == tag)
+    if before_id is not None:
+        q = q.where(Job.id < before_id)
+    return list(session.scalars(q))
+
+
+def _face_select(job_id: int, track: int | None, start_s: float | None, end_s: float | None):  # noqa: ANN202
+    cols = [Face.frame_index, Face.time_ms, Face.face, Face.track, Face.x1, Face.y1, Face.x2, Face.y2, Face.det_score,
+            *(getattr(Face, e) for e in EMOTIONS), Face.emotion]  # fmt: skip
+    q = select(*cols).where(Face.job_id == job_id)
+    if track is not None:
+        q = q.where(Face.track == track)
+    if start_s is not None:
+        q = q.where(Face.time_ms >= start_s * 1000)
+    if end_s is not None:
+        q = q.where(Face.time_ms < end_s * 1000)
+    return q
+
+
+def _face_frame(job_id: int, rows: list) -> pd.DataFrame:
+    names = ["frame", "time_ms", "face", "track", "x1", "y1", "x2", "y2", "det_score", *EMOTIONS, "emotion"]
+    # Plain tuples: pandas inspects SQLAlchemy Row objects one attribute at a time, several times slower.
+    df = pd.DataFrame.from_records([tuple(r) for r in rows], columns=names)
+    df.insert(0, "job", job_id)
+    df.insert(2, "time_s", df.pop("time_ms").astype(float) / 1000)
+    for c in ("frame", "face"):
+        df[c] = df[c].astype("int64")
+    df["track"] = df["track"].astype("Int64")
+    return df[TIMELINE_COLUMNS]
+
+
+def face_page(
+    session: Session,
+    job_id: int,
+    track: int | None = None,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    smooth_s: float | None = None,
+    smooth_method: str = Options.smooth_method,
+    after: FaceKey | None = None,
+    limit: int = 1000,
+) -> tuple[pd.DataFrame, FaceKey | None]:
+    """One page of a job's face rows in time order (the timeline's columns; frames without faces are not rows
+    here), after the key `after`, and the key to ask the next page after (None: this was the last). Smoothing
+    reads the rows of the page's time span widened by the smoothing window, so pages agree with a whole timeline
+    smoothed at once."""
+    job = get_job(session, job_id)
+    if track is not None and session.scalar(
+        select(Face.track).where(Face.job_id == job_id, Face.track == track).limit(1)
+    ) is None:
+        raise NotFound(f"job {job_id} has no track {track}")
+    q = _face_select(job_id, track, start_s, end_s)
+    if after is not None:
+        q = q.where(tuple_(Face.frame_index, Face.face) > tuple_(*after))
+    rows = session.execute(q.order_by(Face.frame_index, Face.face).limit(limit + 1)).all()
+    more = len(rows) > limit
+    df = _face_frame(job_id, rows[:limit])
+    if smooth_s and len(df):
+        pad = smooth_s * (1 if smooth_method == "mean" else 5)
+        lo, hi = df["time_s"].min() - pad, df["time_s"].max() + pad
+        ctx = _face_frame(job_id, session.execute(
+            _face_select(job_id, track, lo, hi + 1e-6).order_by(Face.frame_index, Face.face)).all())  # fmt: skip
+        ctx = smooth(ctx, smooth_s, smooth_method).set_index(["frame", "face"])
+        df = ctx.loc[list(zip(df["frame"], df["face"], strict=True))].reset_index()[TIMELINE_COLUMNS]
+    df.attrs.update(result_meta(job))
+    last = (int(df["frame"].iloc[-1]), int(df["face"].iloc[-1])) if more else None
+    return df, last
+
+
+def iter_face_pages(sessions: sessionmaker, job_id: int, page: int = 50_000, **selection: object):
+    """Every face row of a selection (face_page's arguments), as DataFrames of up to `page` rows, each read in a
+    short transaction of its own: a download of millions of rows never holds them all, nor a long transaction."""
+    after = None
+    while True:
+        with sessions() as s:
+            df, after = face_page(s, job_id, after=after, limit=page, **selection)
+        yield df
+        if after is None:
+            return
+
+
+def downsampled_series(session: Session, job_id: int, points: int = 600) -> dict:
+    """Each track's mean probabilities per time bucket, at most `points` buckets over the job's span: what a chart
+    draws, whatever the video's length, aggregated in SQL."""
+    job = get_job(session, job_id)
+    lo, hi = session.execute(select(func.min(Face.time_ms), func.max(Face.time_ms)).where(Face.job_id == job_id)).one()
+    if lo is None:
+        return {"bucket_s": None, "tracks": {}}
+    bucket_ms = max((hi - lo) / max(points - 1, 1), 1000 / (job.sample_fps or job.fps or 30.0))
+    bucket = func.floor((Face.time_ms - lo) / bucket_ms).label("bucket")
+    q = (select(Face.track, bucket, *(func.avg(getattr(Face, e)).label(e) for e in EMOTIONS))
+         .where(Face.job_id == job_id, Face.track.is_not(None)).group_by(Face.track, bucket)
+         .order_by(Face.track, bucket))  # fmt: skip
+    tracks: dict[int, dict] = {}
+    for row in session.execute(q):
+        t = tracks.setdefault(int(row.track), {"time_s": [], **{e: [] for e in EMOTIONS}})
+        t["time_s"].append(round((lo + float(row.bucket) * bucket_ms) / 1000, 3))
+        for e in EMOTIONS:
+            t[e].append(round(float(getattr(row, e)), 4))
+    return {"bucket_s": round(bucket_ms / 1000, 4), "tracks": tracks}
+
+
+def queue_metrics(session: Session, window_s: float = 60.0, seen_s: float = 300.0) -> dict:
+    """Counts for monitoring: jobs by status, segments waiting, segments and faces finished per second over the
+    last `window_s`, and the worker processes that ran a segment in the last `seen_s` (or run one now)."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+    depth = session.scalar(select(func.count()).select_from(Segment).join(Job, Job.id == Segment.job_id)
+                           .where(Segment.status == Status.QUEUED, Job.status.in_(ACTIVE)))  # fmt: skip
+    since = now - dt.timedelta(seconds=window_s)
+    finished = select(func.count(), func.coalesce(func.sum(Segment.faces), 0))
+    n_seg, n_faces = session.execute(finished.where(Segment.status == Status.DONE, Segment.finished_at >= since)).one()
+    seen = now - dt.timedelta(seconds=seen_s)
+    workers = session.scalar(select(func.count(func.distinct(Segment.worker))).where(
+        (Segment.status == Status.RUNNING) | (Segment.started_at >= seen) | (Segment.finished_at >= seen)))  # fmt: skip
+    return {
+        "jobs": {s.value: int(by_status.get(s.value, 0)) for s in Status},
+        "queue_depth": int(depth or 0),
+        "segments_per_second": n_seg / window_s,
+        "faces_per_second": float(n_faces) / window_s,
+        "workers_seen": int(workers or 0),
+    }

@@ -31,7 +31,10 @@ EMOTIONS: tuple[str, ...] = tuple(c.lower() for c in CLASSES)
 
 
 class Status(StrEnum):
-    """The state of a job, or of one of its segments: queued -> running -> done | failed, only forward.
+    """The state of a job, or of one of its segments: queued -> running -> done | failed | cancelled, only forward.
+
+    Cancelled (by a user) ends a job like failed does: its segments that had not ended are cancelled with it, so
+    no worker starts them, and a running one's write is discarded (its lease and its job are no longer active).
 
     The values are what the `status` columns hold (a StrEnum compares equal to them, so rows read back as plain
     strings still match)."""
@@ -40,10 +43,11 @@ class Status(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 ACTIVE = (Status.QUEUED, Status.RUNNING)  # a job or segment that has not ended
-ENDED = (Status.DONE, Status.FAILED)
+ENDED = (Status.DONE, Status.FAILED, Status.CANCELLED)
 
 
 class Base(DeclarativeBase):
@@ -94,6 +98,27 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set by HTTP clients (fervid serve): a label to find jobs by, and a URL told when the job ends.
+    tag: Mapped[str | None] = mapped_column(String(128), index=True)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    # The callback's delivery: None (nothing to send yet), pending (due at webhook_next_at), delivered or failed;
+    # every attempt is appended to webhook_deliveries ({at, attempt, status_code, error}).
+    webhook_status: Mapped[str | None] = mapped_column(String(16))
+    webhook_next_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    webhook_deliveries: Mapped[list | None] = mapped_column(JSON)
+
+
+class IdempotencyKey(Base):
+    """An HTTP request's Idempotency-Key and the answer it got, so that a repeated request gets the same one.
+    `scope` separates callers (a hash of their token); `response` is None while the first request is in flight."""
+
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[dict | None] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class Segment(Base):
