@@ -103,7 +103,8 @@ def test_soft_targets_mix_the_ferplus_votes():
     assert has.tolist() == [True, False, False]
     assert abs(dist[0][3] - 0.8) < 1e-6 and abs(dist[0][6] - 0.2) < 1e-6  # Happy, Neutral in FER2013's order
     cfg = TrainConfig(arch="small", data="-", out="-", soft_targets=0.5, label_smoothing=0.0)
-    t = _soft_target(torch.tensor([3, 0, 2]), (torch.from_numpy(dist), torch.from_numpy(has)), torch.arange(3), cfg)
+    votes_t = (torch.from_numpy(dist), torch.from_numpy(has))
+    t = _soft_target(torch.tensor([3, 0, 2]), votes_t, None, torch.arange(3), cfg)
     assert torch.allclose(t[0], torch.tensor([0, 0, 0, 0.9, 0, 0, 0.1]))
     assert torch.equal(t[1], torch.eye(7)[0]) and torch.equal(t[2], torch.eye(7)[2])
 
