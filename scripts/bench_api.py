@@ -17,7 +17,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -29,15 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fervid.model.device import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def fill(url: str, rows: int, fps: float = 10.0) -> int:
@@ -163,6 +157,7 @@ def main() -> int:
             t.join()
         wall = time.perf_counter() - started
         total = sum(len(v) for v in out.values())
+        print(f"{cpu_name()}, {os.cpu_count()} cores, {dt.date.today()}: `{' '.join(['python', *sys.argv])}`")
         print(f"{args.clients} clients, {wall:.0f} s, {total:,} requests ({total / wall:.0f}/s), {len(errors)} errors")
         for kind, lat in out.items():
             ms = np.array(lat) * 1000

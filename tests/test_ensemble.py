@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import json
+
 import pytest
 import torch
+from conftest import run_cli, shared_path
 
 from fervid.errors import FervidError
 from fervid.model import weights
@@ -12,6 +16,7 @@ from fervid.model.loader import list_models, load_model, model_identity, optimiz
 from fervid.model.predict import predict_proba
 from fervid.model.registry import create_model
 from fervid.model.weights import register_ensemble, register_weights, save_weights
+from fervid.worker.store.schema import EMOTIONS
 
 
 def _trained_like(arch: str, seed: int) -> torch.nn.Module:
@@ -98,3 +103,24 @@ def test_registering_a_bad_ensemble_says_why(shipped):
         register_ensemble("trio", ["a", "a"])
     with pytest.raises(FervidError, match="names shipped weights, not an ensemble"):
         register_ensemble("a", ["b"])
+
+
+def test_the_shipped_accurate_ensemble_wherever_a_model_name_goes(fer_npz, tmp_path):
+    """`accurate` as a user meets it: listed, evaluated, and analysing a clip, with the numbers its manifest holds."""
+    listed = {r["name"]: r for r in json.loads(run_cli("models", "--json", check=True).stdout)}["accurate"]
+    members = weights.shipped_ensemble("accurate")[0]
+    assert listed["architecture"] == "ensemble" and len(members) >= 2 and listed["eval"] is not None
+    report = json.loads(run_cli("eval", "--model", "accurate", "--data", str(fer_npz), "--split", "PrivateTest",
+                                "--json", check=True).stdout)  # fmt: skip
+    assert report["weights_sha256"] == listed["sha256"] == listed["eval"]["weights_sha256"]
+    assert report["accuracy"] == listed["eval"]["PrivateTest"]["accuracy"] >= 0.71
+    best_member = max(weights.measured_eval(m)["PrivateTest"]["accuracy"] for m in members)
+    assert report["accuracy"] > best_member
+    db, out = f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "t.csv"
+    run_cli("analyze", str(shared_path("videos", "pyfeat_single_face.mp4")), "--fps", "5", "--model", "accurate",
+            "--db", db, "--csv", str(out), "--json", str(tmp_path / "t.json"), check=True)  # fmt: skip
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and all(abs(sum(float(r[e]) for e in EMOTIONS) - 1) < 1e-3 for r in rows)
+    job = json.loads((tmp_path / "t.json").read_text())["jobs"][0]
+    assert job["model"] == "accurate" and job["model_sha256"] == listed["sha256"]

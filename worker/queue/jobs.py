@@ -288,6 +288,14 @@ def lock_job(s: Session, job_id: int, skip_locked: bool = False) -> Job | None:
     return s.scalar(select(Job).where(Job.id == job_id).with_for_update(skip_locked=skip_locked))
 
 
+def lock_existing_job(s: Session, job_id: int) -> Job:
+    """The job, locked, for a user's request on it; NotFound (a 404 over HTTP) when there is none."""
+    job = lock_job(s, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id} in this database")
+    return job
+
+
 def lock_segment(s: Session, job_id: int, idx: int) -> Segment | None:
     return s.scalar(select(Segment).where(Segment.job_id == job_id, Segment.idx == idx).with_for_update())
 
@@ -475,9 +483,7 @@ def cancel_job(sessions: sessionmaker, job_id: int, policy: QueuePolicy | None =
 
     def txn() -> str:
         with sessions.begin() as s:
-            job = lock_job(s, job_id)
-            if job is None:
-                raise NotFound(f"no job {job_id} in this database")
+            job = lock_existing_job(s, job_id)
             if job.status not in ACTIVE:
                 return job.status
             now = utcnow()
@@ -496,9 +502,7 @@ def delete_job(sessions: sessionmaker, job_id: int, policy: QueuePolicy | None =
 
     def txn() -> str:
         with sessions.begin() as s:
-            job = lock_job(s, job_id)
-            if job is None:
-                raise NotFound(f"no job {job_id} in this database")
+            job = lock_existing_job(s, job_id)
             for table in (Face, Frame, Segment):
                 s.execute(delete(table).where(table.job_id == job_id))
             path = job.path
