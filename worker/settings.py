@@ -95,6 +95,9 @@ class QueuePolicy:
     # PostgreSQL: how fast a dropped network or a stuck statement becomes an error (then retried).
     db_connect_timeout_s: int = 10
     db_statement_timeout_s: int = 300
+    # PostgreSQL: a segment's rows are written by a thread beside the compute; this many batches may wait for it
+    # before the frame loop does (backpressure from a slow database).
+    write_queue: int = 8
     segment_s: float = 60.0  # video seconds per task
     max_segments: int = 10_000  # per job: a header claiming a billion frames must not become a million tasks
     segment_time_limit_s: int = 3600  # one segment's compute; Celery kills a task that runs longer

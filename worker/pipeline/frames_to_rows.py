@@ -138,10 +138,22 @@ class SegmentRows:
                                 np.concatenate([f.probs for f in faces]).astype(np.float32)))  # fmt: skip
             self.n_faces += int(counts.sum())
 
+    def extend(self, other: SegmentRows) -> None:
+        """Append another batch's rows (held, not copied)."""
+        self._frames += other._frames
+        self._faces += other._faces
+        self.n_frames += other.n_frames
+        self.n_faces += other.n_faces
+
     def frames(self) -> Iterator[tuple[int, float, int]]:
         """(frame index, time ms, number of faces) of every analysed frame, in order."""
         for idx, t_ms, counts in self._frames:
             yield from zip(idx.tolist(), t_ms.tolist(), counts.tolist(), strict=True)
+
+    def face_arrays(self) -> Iterator[tuple[np.ndarray, ...]]:
+        """The faces a batch at a time: (frame indices, face numbers, times ms, boxes, scores, landmarks,
+        probabilities), for writers that convert whole arrays at once."""
+        yield from self._faces
 
     def faces(self) -> Iterator[tuple[int, int, float, np.ndarray, float, np.ndarray, np.ndarray]]:
         """(frame index, face, time ms, box [4], detection score, landmarks [5, 2], probabilities [7]) of every

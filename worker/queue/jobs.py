@@ -46,6 +46,7 @@ from fervid.worker.settings import Options, QueuePolicy, Settings, validate_segm
 from fervid.worker.store.db import DatabaseUnavailable, is_transient, with_db_retry
 from fervid.worker.store.rows import assign_tracks, replace_range
 from fervid.worker.store.schema import ACTIVE, ENDED, Face, Frame, Job, Segment, Status
+from fervid.worker.store.stream import RowStream, StreamFailed, can_stream
 
 log = logging.getLogger("fervid.jobs")
 
@@ -167,7 +168,7 @@ def _reset(s: Session, path: Path, sha: str, settings: Settings, versions: dict[
     """The job row of (content, settings, models), locked: created, or emptied of an earlier run's rows and
     segments and given the next run number, so that a rerun replaces rows and never duplicates them."""
     key = job_key(sha, settings, versions)
-    job = s.scalar(select(Job).where(Job.job_key == key).with_for_update())
+    job = s.scalar(select(Job).where(Job.job_key == key).with_for_update(key_share=True))
     if job is None:
         job = Job(job_key=key, sha256=sha, sample_fps=settings.sample_fps, start_s=settings.start_s,
                   end_s=settings.end_s, score_threshold=settings.score_threshold, min_face=settings.min_face,
@@ -235,7 +236,7 @@ def submit(
 
     def txn() -> Submitted:
         with sessions.begin() as s:
-            job = s.scalar(select(Job).where(Job.job_key == key).with_for_update())
+            job = s.scalar(select(Job).where(Job.job_key == key).with_for_update(key_share=True))
             if job is not None and job.status not in (Status.FAILED, Status.CANCELLED) and not force:
                 n = s.scalar(select(func.count()).select_from(Segment).where(Segment.job_id == job.id))
                 return Submitted(path, job.id, job.run, list(range(n)), job.priority, True, job.status)
@@ -285,7 +286,10 @@ class Claim:
 
 
 def lock_job(s: Session, job_id: int, skip_locked: bool = False) -> Job | None:
-    return s.scalar(select(Job).where(Job.id == job_id).with_for_update(skip_locked=skip_locked))
+    """The job's row, locked against other changes to the job. FOR NO KEY UPDATE (key_share), not FOR UPDATE:
+    the rows a segment streams in (worker.store.stream) hold a KEY SHARE lock on their job through the foreign
+    key for as long as the segment runs, and only deleting the job needs to wait for them."""
+    return s.scalar(select(Job).where(Job.id == job_id).with_for_update(key_share=True, skip_locked=skip_locked))
 
 
 def lock_existing_job(s: Session, job_id: int) -> Job:
@@ -423,27 +427,47 @@ def _ours(s: Session, claim: Claim) -> tuple[Job | None, Segment | None, Outcome
     return job, seg, None
 
 
+def _write_and_finish(s: Session, claim: Claim, rows: SegmentRows, streamed: bool, times: StageTimes,
+                      t0: float) -> tuple[Outcome, bool]:  # fmt: skip
+    """In the caller's transaction: if the segment is still this attempt's, write its rows (unless they were
+    streamed into this transaction already), mark it done and finish the job if it was the last. Returns the
+    outcome and whether to commit."""
+    job, seg, why = _ours(s, claim)
+    if why:
+        return why, False
+    if not streamed:
+        replace_range(s, claim.job_id, claim.settings.start_s, claim.settings.end_s, rows)
+    seg.status, seg.frames, seg.faces, seg.finished_at = Status.DONE, rows.n_frames, rows.n_faces, utcnow()
+    seg.lease_owner = seg.lease_until = None
+    write = time.perf_counter() - t0
+    # compute: the segment's frames through the models (its stages overlap: decoding runs beside them);
+    # write: what writing held the frame loop up (the streamed rows' last batch, or all of them), and the commit;
+    # total: compute and write, the time the segment held its worker.
+    seg.timings = times.rounded() | {"write": round(write, 4),
+                                     "total": round(times.seconds.get("compute", 0.0) + write, 4)}  # fmt: skip
+    finish_job(s, job)
+    return Outcome.DONE, True
+
+
 def commit_segment(sessions: sessionmaker, claim: Claim, rows: SegmentRows, times: StageTimes,
-                   policy: QueuePolicy) -> Outcome:  # fmt: skip
+                   policy: QueuePolicy, stream: RowStream | None = None) -> Outcome:  # fmt: skip
     """Replace the segment's time range with its rows, mark it done and, if it was the last, finish the job:
-    one transaction, so a reader never sees half a segment and a job never waits for a finish."""
+    one transaction, so a reader never sees half a segment and a job never waits for a finish. `stream`: the
+    rows were streamed into an open transaction (PostgreSQL), which is ended here; if it failed, the rows are
+    written again from memory the ordinary way, with retries."""
+    t0 = time.perf_counter()
+    if stream is not None:
+        try:
+            return stream.finish(lambda s: _write_and_finish(s, claim, rows, True, times, t0))
+        except StreamFailed:
+            pass  # nothing of it was committed (the stream logged why): the rows are written below
 
     def txn() -> Outcome:
-        t0 = time.perf_counter()
-        with sessions.begin() as s:
-            job, seg, why = _ours(s, claim)
-            if why:
-                return why
-            replace_range(s, claim.job_id, claim.settings.start_s, claim.settings.end_s, rows)
-            seg.status, seg.frames, seg.faces, seg.finished_at = Status.DONE, rows.n_frames, rows.n_faces, utcnow()
-            seg.lease_owner = seg.lease_until = None
-            write = time.perf_counter() - t0
-            # compute: the segment's frames through the models (its stages overlap: decoding runs beside them);
-            # total: compute and write, the time the segment held its worker.
-            seg.timings = times.rounded() | {"write": round(write, 4),
-                                             "total": round(times.seconds.get("compute", 0.0) + write, 4)}
-            finish_job(s, job)
-            return Outcome.DONE
+        with sessions() as s:
+            outcome, keep = _write_and_finish(s, claim, rows, False, times, t0)
+            if keep:
+                s.commit()
+            return outcome
 
     return with_db_retry(txn, policy, f"writing segment {claim.idx} of job {claim.job_id}")
 
@@ -572,6 +596,10 @@ def run_segment(
     lease = Lease(sessions, claim, policy)
     lease.start()
     times, rows, t0 = StageTimes(), SegmentRows(), time.perf_counter()
+    stream = None
+    if can_stream(sessions):
+        stream = RowStream(sessions, job_id, claim.settings.start_s, claim.settings.end_s, policy.write_queue)
+        stream.start()
     try:
         try:
             path = Path(claim.path)
@@ -582,7 +610,11 @@ def run_segment(
             analyzer = analyzer_for(claim.model, claim.model_sha256)
             for indices, times_ms, faces in iter_batches(path, claim.info, claim.settings, analyzer, times,
                                                          batch_size, roots):  # fmt: skip
-                rows.add(indices, times_ms, faces)
+                batch = SegmentRows()
+                batch.add(indices, times_ms, faces)
+                rows.extend(batch)
+                if stream is not None:
+                    stream.put(batch)
                 lease.progress = (rows.n_frames, rows.n_faces)
                 if on_progress:
                     on_progress(len(indices))
@@ -599,8 +631,12 @@ def run_segment(
         except DatabaseUnavailable:
             raise
         except FervidError as e:
+            if stream is not None:
+                stream.abort()
             return fail_segment(sessions, claim, str(e), policy)
         except Exception as e:  # a bug, or Celery's time limit: the job fails with the reason instead of looping
+            if stream is not None:
+                stream.abort()
             log.exception("job %s segment %s failed", job_id, idx)
             reason = "ran longer than the segment time limit (FERVID_SEGMENT_TIME_LIMIT_S)" \
                 if type(e).__name__ == "SoftTimeLimitExceeded" else f"{type(e).__name__}: {e}"  # fmt: skip
@@ -608,7 +644,7 @@ def run_segment(
             return fail_segment(sessions, claim, f"{where}: {reason}".splitlines()[0], policy)
         times.seconds["compute"] = time.perf_counter() - t0
         try:
-            return commit_segment(sessions, claim, rows, times, policy)
+            return commit_segment(sessions, claim, rows, times, policy, stream)
         except SQLAlchemyError as e:
             if is_transient(e):
                 raise
@@ -616,6 +652,8 @@ def run_segment(
             reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
             return fail_segment(sessions, claim, f"database error: {type(e).__name__}: {reason}", policy)
     finally:
+        if stream is not None:
+            stream.abort()  # a segment that ended any other way than its commit leaves nothing behind
         lease.stop()
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import delete, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from fervid.worker.pipeline.tracks import MAX_GAP_S, Tracker
+from fervid.worker.store.copy import copy_rows, supports_copy
 from fervid.worker.store.schema import EMOTIONS, Face, Frame
 
 if TYPE_CHECKING:
@@ -51,18 +52,31 @@ def face_dicts(rows: SegmentRows, job_id: int, chunk: int = CHUNK) -> Iterator[l
     return _chunks((face_row(*f) for f in rows.faces()), chunk)
 
 
-def replace_range(session: Session, job_id: int, start_s: float, end_s: float | None, rows: SegmentRows) -> None:
-    """Replace the job's frames and faces in [start_s, end_s) (None: to the end) with `rows`: a segment that runs
-    again replaces its rows, never duplicates them."""
+def delete_range(session: Session, job_id: int, start_s: float, end_s: float | None) -> None:
+    """Delete the job's frames and faces in [start_s, end_s) (None: to the end)."""
     for table in (Face, Frame):
         in_range = [table.job_id == job_id, table.time_ms >= start_s * 1000]
         if end_s is not None:
             in_range.append(table.time_ms < end_s * 1000)
         session.execute(delete(table).where(*in_range))
+
+
+def insert_rows(session: Session, rows: SegmentRows, job_id: int) -> None:
+    """Append `rows` with INSERTs in bounded chunks: the portable path (SQLite), and PostgreSQL's before COPY."""
     for chunk in frame_dicts(rows, job_id):
         session.execute(insert(Frame), chunk)
     for chunk in face_dicts(rows, job_id):
         session.execute(insert(Face), chunk)
+
+
+def replace_range(session: Session, job_id: int, start_s: float, end_s: float | None, rows: SegmentRows) -> None:
+    """Replace the job's frames and faces in [start_s, end_s) (None: to the end) with `rows`: a segment that runs
+    again replaces its rows, never duplicates them. PostgreSQL (psycopg) takes them through COPY."""
+    delete_range(session, job_id, start_s, end_s)
+    if supports_copy(session):
+        copy_rows(session, rows, job_id)
+    else:
+        insert_rows(session, rows, job_id)
 
 
 def assign_tracks(session: Session, job_id: int, max_gap_s: float = MAX_GAP_S, chunk: int = 20_000) -> int:
