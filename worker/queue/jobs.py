@@ -427,15 +427,15 @@ def _ours(s: Session, claim: Claim) -> tuple[Job | None, Segment | None, Outcome
     return job, seg, None
 
 
-def _write_and_finish(s: Session, claim: Claim, rows: SegmentRows, streamed: bool, times: StageTimes,
+def _write_and_finish(s: Session, claim: Claim, rows: SegmentRows, stream: RowStream | None, times: StageTimes,
                       t0: float) -> tuple[Outcome, bool]:  # fmt: skip
-    """In the caller's transaction: if the segment is still this attempt's, write its rows (unless they were
-    streamed into this transaction already), mark it done and finish the job if it was the last. Returns the
-    outcome and whether to commit."""
+    """In the caller's transaction: if the segment is still this attempt's, write its rows (unless `stream` did,
+    into this transaction), mark it done and finish the job if it was the last. Returns the outcome and whether
+    to commit."""
     job, seg, why = _ours(s, claim)
     if why:
         return why, False
-    if not streamed:
+    if stream is None:
         replace_range(s, claim.job_id, claim.settings.start_s, claim.settings.end_s, rows)
     seg.status, seg.frames, seg.faces, seg.finished_at = Status.DONE, rows.n_frames, rows.n_faces, utcnow()
     seg.lease_owner = seg.lease_until = None
@@ -443,8 +443,12 @@ def _write_and_finish(s: Session, claim: Claim, rows: SegmentRows, streamed: boo
     # compute: the segment's frames through the models (its stages overlap: decoding runs beside them);
     # write: what writing held the frame loop up (the streamed rows' last batch, or all of them), and the commit;
     # total: compute and write, the time the segment held its worker.
+    # stream, stream_cpu: the streaming thread's time beside the compute (wall, and its own CPU).
     seg.timings = times.rounded() | {"write": round(write, 4),
                                      "total": round(times.seconds.get("compute", 0.0) + write, 4)}  # fmt: skip
+    if stream is not None:
+        seg.timings["stream"] = round(stream.busy_s, 4)
+        seg.timings["stream_cpu"] = round(stream.cpu_s, 4)
     finish_job(s, job)
     return Outcome.DONE, True
 
@@ -458,13 +462,13 @@ def commit_segment(sessions: sessionmaker, claim: Claim, rows: SegmentRows, time
     t0 = time.perf_counter()
     if stream is not None:
         try:
-            return stream.finish(lambda s: _write_and_finish(s, claim, rows, True, times, t0))
+            return stream.finish(lambda s: _write_and_finish(s, claim, rows, stream, times, t0))
         except StreamFailed:
             pass  # nothing of it was committed (the stream logged why): the rows are written below
 
     def txn() -> Outcome:
         with sessions() as s:
-            outcome, keep = _write_and_finish(s, claim, rows, False, times, t0)
+            outcome, keep = _write_and_finish(s, claim, rows, None, times, t0)
             if keep:
                 s.commit()
             return outcome

@@ -63,10 +63,35 @@ def _copy(cursor, table: str, columns: tuple[str, ...], lines: Iterator[str]) ->
             copy.write("".join(buf))
 
 
-def copy_rows(session: Session, rows: SegmentRows, job_id: int) -> None:
-    """Append `rows` to `frames` and `faces` with COPY, in the session's transaction (PostgreSQL with psycopg).
-    Errors come as SQLAlchemy's (IntegrityError, OperationalError, ...), as from any other statement, so the
+def copy_tracks(session: Session, job_id: int, updates: list[dict]) -> None:
+    """Set faces' track ids ({frame_index, face, track} dicts) with one COPY into a temporary table and one
+    UPDATE joined to it, instead of an UPDATE per face."""
+    conn = session.connection()
+    dbapi = conn.connection.dbapi_connection
+    try:
+        with dbapi.cursor() as cur:
+            cur.execute("CREATE TEMPORARY TABLE IF NOT EXISTS fervid_tracks "
+                        "(frame_index integer, face smallint, track integer) ON COMMIT DELETE ROWS")  # fmt: skip
+            cur.execute("TRUNCATE fervid_tracks")
+            lines = (f"{u['frame_index']}\t{u['face']}\t{u['track']}\n" for u in updates)
+            _copy(cur, "fervid_tracks", ("frame_index", "face", "track"), lines)
+            cur.execute("UPDATE faces SET track = t.track FROM fervid_tracks t WHERE faces.job_id = %s "
+                        "AND faces.frame_index = t.frame_index AND faces.face = t.face", (job_id,))  # fmt: skip
+    except psycopg.Error as e:
+        _raise(conn, dbapi, e, "COPY fervid_tracks")
+
+
+def _raise(conn, dbapi, e: psycopg.Error, statement: str) -> None:  # noqa: ANN001
+    """psycopg's error as SQLAlchemy's (IntegrityError, OperationalError, ...), as from any other statement, so the
     callers' retry and failure rules apply unchanged."""
+    broken = dbapi.closed or dbapi.broken
+    if broken:
+        conn.invalidate(e)
+    raise sa_exc.DBAPIError.instance(statement, None, e, psycopg.Error, connection_invalidated=broken) from e
+
+
+def copy_rows(session: Session, rows: SegmentRows, job_id: int) -> None:
+    """Append `rows` to `frames` and `faces` with COPY, in the session's transaction (PostgreSQL with psycopg)."""
     conn = session.connection()
     dbapi = conn.connection.dbapi_connection
     for table, columns, lines in (("frames", FRAME_COLUMNS, frame_lines(rows, job_id)),
@@ -75,8 +100,4 @@ def copy_rows(session: Session, rows: SegmentRows, job_id: int) -> None:
             with dbapi.cursor() as cur:
                 _copy(cur, table, columns, lines)
         except psycopg.Error as e:
-            broken = dbapi.closed or dbapi.broken
-            if broken:
-                conn.invalidate(e)
-            raise sa_exc.DBAPIError.instance(f"COPY {table}", None, e, psycopg.Error,
-                                             connection_invalidated=broken) from e  # fmt: skip
+            _raise(conn, dbapi, e, f"COPY {table}")

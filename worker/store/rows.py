@@ -16,7 +16,7 @@ from sqlalchemy import delete, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from fervid.worker.pipeline.tracks import MAX_GAP_S, Tracker
-from fervid.worker.store.copy import copy_rows, supports_copy
+from fervid.worker.store.copy import copy_rows, copy_tracks, supports_copy
 from fervid.worker.store.schema import EMOTIONS, Face, Frame
 
 if TYPE_CHECKING:
@@ -111,6 +111,9 @@ def assign_tracks(session: Session, job_id: int, max_gap_s: float = MAX_GAP_S, c
                         for r, t in zip(frame, ids, strict=True)]  # fmt: skip
             i = j
         if updates:
-            session.execute(update(Face), updates)
+            if supports_copy(session):
+                copy_tracks(session, job_id, updates)
+            else:
+                session.execute(update(Face), updates)
         if len(page) < chunk:  # the last page (a frame is only held back from a full page)
             return tracker.next_id
