@@ -14,15 +14,18 @@ from fervid.worker.settings import Settings
 from tests.conftest import ROOT, run_cli
 
 
-@pytest.mark.parametrize("name, floor", [("small", 0.68), ("medium", 0.68)])
-def test_shipped_model_scores_on_private_test(name, floor, fer_npz, tmp_path):
+# Ten-crop TTA costs ten passes: the default model gets every view, the others the single crop (and flip).
+@pytest.mark.parametrize("name, floor, tta", [("small", 0.68, ("all",)), ("medium", 0.68, ("flip",)),
+                                              ("seed", 0.67, ())])  # fmt: skip
+def test_shipped_model_scores_on_private_test(name, floor, tta, fer_npz, tmp_path):
     png = tmp_path / "cm.png"
     proc = run_cli("eval", "--model", name, "--data", str(fer_npz), "--split", "PrivateTest", "--json",
-                   "--tta", "all", "--confusion", str(png), check=True)  # fmt: skip
+                   *(("--tta", *tta) if tta else ()), "--confusion", str(png), check=True)  # fmt: skip
     report = json.loads(proc.stdout)
     assert report["model"] == name and report["split"] == "PrivateTest" and report["n"] == 3589
     assert report["accuracy"] >= floor
-    assert report["tta_accuracy"]["flip"] >= report["accuracy"] - 0.01
+    if tta:
+        assert report["tta_accuracy"]["flip"] >= report["accuracy"] - 0.01
     assert set(report["per_class"]) == {"Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"}
     assert all({"precision", "recall", "f1", "support"} <= set(m) for m in report["per_class"].values())
     cm = report["confusion"]
@@ -31,17 +34,19 @@ def test_shipped_model_scores_on_private_test(name, floor, fer_npz, tmp_path):
     # The committed report beside the weights says the same.
     committed = json.loads((ROOT / "model" / "weights" / f"{name}.PrivateTest.json").read_text())
     assert committed["accuracy"] == report["accuracy"]
-    assert committed["tta_accuracy"] == report["tta_accuracy"]
-    assert committed["ferplus_majority"] == report["ferplus_majority"]
+    views = set(report.get("tta_accuracy", {}))
+    assert {k: v for k, v in committed["tta_accuracy"].items() if k in views} == report.get("tta_accuracy", {})
+    fp, fp_committed = report["ferplus_majority"], committed["ferplus_majority"]
+    assert fp["accuracy"] == fp_committed["accuracy"] and fp["n"] == fp_committed["n"]
     # `fervid models` lists the numbers `fervid eval` prints, read from the manifest (not recomputed).
-    fp = report["ferplus_majority"]
-    assert 3000 < fp["n"] < 3589 and set(fp["tta_accuracy"]) == {"flip", "tencrop"}
+    assert 3000 < fp["n"] < 3589 and set(fp_committed["tta_accuracy"]) == {"flip", "tencrop"}
     listed = {r["name"]: r for r in json.loads(run_cli("models", "--json", check=True).stdout)}[name]
     ev = listed["eval"]
     assert ev["weights_sha256"] == report["weights_sha256"] == listed["sha256"]
     assert listed["accuracy"]["PrivateTest"] == report["accuracy"]
-    assert ev["PrivateTest"] == {"n": report["n"], "accuracy": report["accuracy"], **report["tta_accuracy"]}
-    assert ev["ferplus_majority_PrivateTest"] == {"n": fp["n"], "accuracy": fp["accuracy"], **fp["tta_accuracy"]}
+    assert ev["PrivateTest"] == {"n": report["n"], "accuracy": report["accuracy"], **committed["tta_accuracy"]}
+    assert ev["ferplus_majority_PrivateTest"] == {"n": fp["n"], "accuracy": fp["accuracy"],
+                                                  **fp_committed["tta_accuracy"]}  # fmt: skip
 
 
 def test_models_listing():
@@ -50,7 +55,10 @@ def test_models_listing():
     small = rows["small"]
     assert small["sha256"] == sha256_file(ROOT / "model" / "weights" / "small.safetensors")
     assert small["accuracy"]["PrivateTest"] >= 0.64 and small["input_size"] == [1, 48, 48]
-    assert rows["seed"]["parameters"] == 5_902_151 and rows["seed"]["weights"] is None and rows["seed"]["eval"] is None
+    seed = rows["seed"]  # the project's starting architecture, with weights trained on this CPU
+    assert seed["parameters"] == 5_902_151
+    assert seed["sha256"] == sha256_file(ROOT / "model" / "weights" / "seed.safetensors")
+    assert seed["eval"]["PrivateTest"]["accuracy"] >= 0.67
     # Exactly one default, the one a job analyses with.
     assert [r["name"] for r in listing if r["default"] is True] == [Settings().model]
     assert all(r["default"] is False for r in listing if r["name"] != Settings().model)
@@ -65,7 +73,7 @@ def test_models_listing():
     assert line[Settings().model].startswith("* ") and line["seed"].startswith("  seed")
     assert f"{ev['PrivateTest']['accuracy']:.4f} ({ev['PrivateTest']['flip']:.4f}/" in line["small"]
     assert f"{ev['faces_per_s']['batch_32']:,}" in line["small"] and ev["cpu"] in line["small"]
-    assert line["seed"].count(" - ") >= 4 and "none shipped" in line["seed"]
+    assert f"{seed['eval']['PrivateTest']['accuracy']:.4f}" in line["seed"] and "none shipped" not in table
 
 
 # FER+ votes: neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF.
