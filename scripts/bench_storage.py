@@ -44,6 +44,7 @@ from fervid.worker.store import query, rows
 from fervid.worker.store.db import MIGRATIONS, make_engine
 from fervid.worker.store.schema import EMOTIONS, Face, Job, Status
 from scripts.bench_models import command_line
+from scripts.bench_queries import best
 
 T = TypeVar("T")
 TRACKS, FPS, SEGMENT_S = 4, 25.0, 60.0
@@ -77,15 +78,6 @@ INSERT INTO frames (job_id, frame_index, time_ms, n_faces)
 SELECT CAST(:job AS integer), f, f * {1000 / FPS}, {TRACKS}
 FROM generate_series(CAST(:f0 AS integer), CAST(:f1 AS integer)) f
 """
-
-
-def best(fn: Callable[[], T], n: int = 3) -> tuple[float, T]:
-    times, out = [], None
-    for _ in range(n):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
 
 
 def upgrade(engine: Engine, revision: str) -> None:

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from fervid.model.device import cpu_name
 from fervid.worker.settings import Options, QueuePolicy
 from scripts.bench_models import command_line
 
@@ -502,14 +503,7 @@ def run_n(cluster: Cluster, n: int, args: argparse.Namespace, ctx: Any) -> dict[
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = ""
     try:
         kb = int(next(ln for ln in open("/proc/meminfo") if ln.startswith("MemTotal")).split()[1])
