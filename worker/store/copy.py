@@ -1,9 +1,10 @@
 """PostgreSQL's bulk path for a segment's rows: COPY ... FROM STDIN through psycopg 3, in the caller's transaction.
 
 An INSERT per row (even batched by executemany) costs the client a parameter set and the server a statement per
-row; COPY streams the rows as one stream. Text format: measured against binary (scripts/bench_writes.py) it was
-as fast on the client and it keeps the stored values byte for byte what the INSERT path stores (a float32 written
-as the double it is, the landmarks' JSON as json.dumps writes it), so the two paths give identical rows.
+row; COPY streams the rows as one stream. Text format, not binary: in a one-off comparison on 3,776 face and frame
+rows (not a committed benchmark) binary was not clearly faster (104-136 ms against 128-136 ms), and text keeps the
+stored values exactly what the INSERT path stores (a float32 written as the double it is, the landmarks' JSON as
+json.dumps writes it), so the two paths give identical rows (tests/test_writes.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import psycopg
+from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
@@ -28,9 +30,13 @@ FACE_COLUMNS = ("job_id", "frame_index", "face", "time_ms", "x1", "y1", "x2", "y
 BUFFER = 1 << 20
 
 
+def copy_capable(bind: Engine | Connection | None) -> bool:
+    """PostgreSQL through psycopg 3, whose cursors take COPY ... FROM STDIN."""
+    return bind is not None and bind.dialect.name == "postgresql" and bind.dialect.driver == "psycopg"
+
+
 def supports_copy(session: Session) -> bool:
-    bind = session.get_bind()
-    return bind.dialect.name == "postgresql" and bind.dialect.driver == "psycopg"
+    return copy_capable(session.get_bind())
 
 
 def frame_lines(rows: SegmentRows, job_id: int) -> Iterator[str]:

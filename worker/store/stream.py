@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from fervid.worker.store.copy import copy_rows
+from fervid.worker.store.copy import copy_capable, copy_rows
 from fervid.worker.store.rows import delete_range
 
 if TYPE_CHECKING:
@@ -38,8 +38,7 @@ _ABORT = object()
 def can_stream(sessions: sessionmaker) -> bool:
     """PostgreSQL through psycopg (COPY, and row locks that let other writers on). SQLite has one writer at a
     time: a transaction held open for a segment would stall every other process; it writes at the end."""
-    bind = sessions.kw.get("bind")
-    return bind is not None and bind.dialect.name == "postgresql" and bind.dialect.driver == "psycopg"
+    return copy_capable(sessions.kw.get("bind"))
 
 
 class StreamFailed(Exception):
