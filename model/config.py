@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 # The shipped model used when none is named (`Settings.model`, `fervid eval --model`, `fervid models`' "*").
 # Here, not in the heavier loader, because worker.settings reads it while every `fervid` command builds its parser.
-DEFAULT_MODEL = "small"
+DEFAULT_MODEL = "medium-distilled"
 
 # FER2013 label order.
 CLASSES: tuple[str, ...] = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")

@@ -143,31 +143,38 @@ def optimize_for_inference(net: EmotionNet) -> EmotionNet:
     return net
 
 
+def _weights_row(name: str, arch: str) -> dict:
+    net = create_model(arch)
+    trainable, _ = count_parameters(net)
+    row = {"name": name, "architecture": arch, "default": name == DEFAULT_MODEL, "parameters": trainable,
+           "input_size": list(net.cfg.input_size), "accuracy": {}, "eval": None, "weights": None,
+           "sha256": None}  # fmt: skip
+    shipped = weights.shipped_weights(name)
+    if shipped:
+        path, sha = shipped
+        measured = weights.measured_eval(name)
+        if measured:
+            accuracy = {s: measured[s]["accuracy"] for s in ("PublicTest", "PrivateTest") if s in measured}
+        else:
+            accuracy = read_metadata(path).get("accuracy", {})
+        row.update(accuracy=accuracy, eval=measured, weights=str(path), sha256=sha)
+    return row
+
+
 def list_models() -> list[dict]:
-    """Every architecture, with its shipped weights and their measured numbers where there are some.
+    """Every architecture, then every other shipped weights file (named apart from its architecture), then the
+    shipped ensembles, with their measured numbers where there are some.
 
     "default" marks DEFAULT_MODEL. "eval" is the manifest's block measured on the shipped weights
     (scripts/measure_model.py), read as stored, never recomputed; None without one. "accuracy" is
     {split: accuracy} from that block, or, for weights never measured, the accuracies training wrote into the
     weights' metadata (those are of the fp32 net before export, so they can differ in the 4th digit).
     """
-    rows = []
-    for arch in ARCHITECTURES:
-        net = create_model(arch)
-        trainable, _ = count_parameters(net)
-        row = {"name": arch, "architecture": arch, "default": arch == DEFAULT_MODEL, "parameters": trainable,
-               "input_size": list(net.cfg.input_size), "accuracy": {}, "eval": None, "weights": None,
-               "sha256": None}  # fmt: skip
-        shipped = weights.shipped_weights(arch)
-        if shipped:
-            path, sha = shipped
-            measured = weights.measured_eval(arch)
-            if measured:
-                accuracy = {s: measured[s]["accuracy"] for s in ("PublicTest", "PrivateTest") if s in measured}
-            else:
-                accuracy = read_metadata(path).get("accuracy", {})
-            row.update(accuracy=accuracy, eval=measured, weights=str(path), sha256=sha)
-        rows.append(row)
+    named = [n for n, e in weights.read_manifest().items() if "file" in e and n not in ARCHITECTURES]
+    rows = [_weights_row(arch, arch) for arch in ARCHITECTURES]
+    for name in named:
+        path, _ = weights.shipped_weights(name)  # type: ignore[misc]
+        rows.append(_weights_row(name, read_metadata(path)["config"].architecture))
     for name, entry in weights.read_manifest().items():
         if "members" not in entry:
             continue

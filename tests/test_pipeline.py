@@ -54,7 +54,7 @@ def test_analyze_cli_writes_csv_json_and_plot(tmp_path):
     doc = json.loads((out / "t.json").read_text())
     job = doc["jobs"][0]
     assert job["status"] == Status.DONE and job["width"] == 640 and job["height"] == 360 and len(job["rows"]) == 24
-    assert job["model"] == "small" and job["detector"].startswith("retinaface")
+    assert job["model"] == "medium-distilled" and job["detector"].startswith("retinaface")
     assert set(job["timings"]) >= {"decode", "detect", "crop", "classify", "write", "total"}
     assert (out / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

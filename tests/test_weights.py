@@ -101,3 +101,17 @@ def test_measured_eval_follows_the_weights(small_file, tmp_path, monkeypatch):
     assert "eval" not in weights.read_manifest()["small"]
     row = [r for r in list_models() if r["name"] == "small"][0]
     assert row["eval"] is None and row["accuracy"] == {"PublicTest": 0.1}
+
+
+def test_weights_shipped_under_their_own_name(small_file, tmp_path, monkeypatch):
+    """A second set of weights for one architecture ships under a name of its own: listed with its architecture,
+    loaded and checksummed by that name, and the architecture's own entry is untouched."""
+    shipped = _ship(small_file, tmp_path, monkeypatch)
+    shutil.copy(shipped / "small.safetensors", shipped / "small-v2.safetensors")
+    register_weights("small-v2", shipped / "small-v2.safetensors")
+    rows = {r["name"]: r for r in list_models()}
+    assert rows["small-v2"]["architecture"] == "small" and rows["small"]["architecture"] == "small"
+    assert rows["small-v2"]["weights"] == str(shipped / "small-v2.safetensors")
+    assert rows["small-v2"]["parameters"] == rows["small"]["parameters"]
+    assert load_model("small-v2").name == "small-v2"
+    assert [r["name"] for r in list_models()].count("small-v2") == 1
