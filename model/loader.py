@@ -170,12 +170,11 @@ def list_models() -> list[dict]:
     {split: accuracy} from that block, or, for weights never measured, the accuracies training wrote into the
     weights' metadata (those are of the fp32 net before export, so they can differ in the 4th digit).
     """
-    named = [n for n, e in weights.read_manifest().items() if "file" in e and n not in ARCHITECTURES]
+    manifest = weights.read_manifest()
     rows = [_weights_row(arch, arch) for arch in ARCHITECTURES]
-    for name in named:
-        path, _ = weights.shipped_weights(name)  # type: ignore[misc]
-        rows.append(_weights_row(name, read_metadata(path)["config"].architecture))
-    for name, entry in weights.read_manifest().items():
+    rows += [_weights_row(name, read_metadata(weights.WEIGHTS_DIR / entry["file"])["config"].architecture)
+             for name, entry in manifest.items() if "file" in entry and name not in ARCHITECTURES]  # fmt: skip
+    for name, entry in manifest.items():
         if "members" not in entry:
             continue
         measured = weights.measured_eval(name)

@@ -48,10 +48,10 @@ def main() -> None:
           + " | ".join(f"{s} s" for s in stages) + " |")  # fmt: skip
     print("|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(stages))
     rates: dict[tuple[str, str], list[float]] = {}
-    runs = [(video, model, r) for r in range(args.repeat) for video in args.videos
+    runs = [(video, model) for r in range(args.repeat) for video in args.videos
             for model in (args.model if r % 2 == 0 else args.model[::-1])]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        for video, model, _round in runs:
+        for video, model in runs:
             out = Path(tmp) / "t.json"
             cmd = [
                 sys.executable,
