@@ -14,6 +14,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FERVID_SHARED", ROOT.parent / "shared"))
 T = TypeVar("T")
+pytest_plugins = ["tests.cluster"]  # the queue tests' fixtures: redis, cluster, proxied
+
+# Under pytest-xdist (scripts/test.sh) each worker takes one file at a time, in collection order. The longest files
+# go first, so that the fault tests, which mostly wait, overlap with everything else instead of ending the run alone.
+LONGEST_FIRST = ("test_chaos.py", "test_queue_faults.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker process gets a FERVID_HOME of its own: commands run without --db use the
+    SQLite file there, and two workers must not share one."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        import tempfile
+
+        home = Path(os.environ.get("FERVID_HOME") or tempfile.mkdtemp(prefix="fervid-tests-")) / worker
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["FERVID_HOME"] = str(home)
 
 
 def shared_path(*parts: str) -> Path:

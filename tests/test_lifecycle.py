@@ -2,7 +2,8 @@
 runs, lost leases, deaths and the poison limit, concurrent submits, the database retry policy, bad settings.
 
 The faults are made directly (a message of an older run, a lease that ran out, a row left half-finished), so each
-test shows exactly one rule; tests/test_queue.py shows the same rules with real workers, Redis and kills.
+test shows exactly one rule; tests/test_queue_faults.py and tests/test_chaos.py show the same rules with real
+workers, Redis and kills.
 """
 
 from __future__ import annotations

@@ -323,7 +323,7 @@ def test_without_tokens_loopback_is_open(tmp_path):
 
 @pytest.mark.slow
 def test_with_a_broker_jobs_go_to_the_queue_workers(tmp_path, pg_url):
-    from test_queue import Cluster, RedisServer
+    from tests.cluster import Cluster, RedisServer
 
     redis = RedisServer(tmp_path)
     cluster = Cluster(tmp_path, pg_url, redis)
