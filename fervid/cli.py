@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from fervid.errors import FervidError
-from fervid.model.config import DEFAULT_MODEL
+from fervid.model.config import DEFAULT_MODEL, PRECISIONS, REFERENCE_PRECISION
 from fervid.worker.settings import SMOOTH_METHODS, TIMELINE_FORMATS, Options, QueuePolicy, default
 
 
@@ -28,7 +28,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from fervid.model.loader import load_model
     from fervid.training.evaluate import evaluate, plot_confusion
 
-    clf = load_model(args.model, device=_device(args.device))
+    clf = load_model(args.model, device=_device(args.device), precision=args.precision)
     tta = ("flip", "tencrop") if args.tta == "all" else (() if args.tta == "none" else (args.tta,))
     report = evaluate(clf, args.data, args.split, tta=tta, batch_size=args.batch_size)
     if args.confusion:
@@ -80,21 +80,26 @@ def _cmd_models(args: argparse.Namespace) -> int:
         public = ev.get("PublicTest") or {"accuracy": r["accuracy"].get("PublicTest")}
         private = ev.get("PrivateTest") or {"accuracy": r["accuracy"].get("PrivateTest")}
         rate = ev.get("faces_per_s", {}).get("batch_32")
+        precision = ev.get("precision", "fp32")
+        fast = ev.get(precision) if precision != "fp32" else None  # its single-crop PrivateTest in that arithmetic
         where = f"{r['weights']} (sha256 {r['sha256'][:12]})" if r["weights"] else "none shipped (train it)"
         table.append([("* " if r["default"] else "  ") + r["name"], f"{r['parameters']:,}",
                       "x".join(str(s) for s in r["input_size"]), acc(public), acc(private),
-                      acc(ev.get("ferplus_majority_PrivateTest")), "-" if rate is None else f"{rate:,}",
-                      measured_on(ev), where])  # fmt: skip
+                      acc(ev.get("ferplus_majority_PrivateTest")), "-" if rate is None else f"{rate:,} {precision}",
+                      f"{fast['PrivateTest']:.4f}" if fast else "-", measured_on(ev), where])  # fmt: skip
     head = ["  name", "params", "input", "PublicTest (+flip/+tencrop)", "PrivateTest (+flip/+tencrop)",
-            "FER+ PrivateTest (+flip/+tencrop)", "faces/s @32", "measured on", "weights"]  # fmt: skip
+            "FER+ PrivateTest (+flip/+tencrop)", "faces/s @32", "bf16 PrivateTest", "measured on",
+            "weights"]  # fmt: skip
     widths = [max(len(str(c)) for c in col) for col in zip(head, *table, strict=True)]
     right = {1, 6}
     for line in [head, *table]:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))]
         print("  ".join(cells).rstrip())
     print("* the default model. Accuracies and faces/s were measured on the shipped weights by "
-          "`python -m scripts.measure_model NAME`; FER+ = PrivateTest rows whose FER+ votes have one most-voted "
-          "of the 7 emotions; load = the 1-minute load average while faces/s were timed.")  # fmt: skip
+          "`python -m scripts.measure_model NAME`; accuracies in float32; faces/s in the arithmetic the pipeline "
+          "runs on that CPU (bf16 where it is native), whose single-crop PrivateTest is the bf16 column; FER+ = "
+          "PrivateTest rows whose FER+ votes have one most-voted of the 7 emotions; load = the 1-minute load "
+          "average while faces/s were timed.")  # fmt: skip
     return 0
 
 
@@ -114,7 +119,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     settings = _settings(args)
     url = database_url(args.db)
     sessions = open_database(url)
-    analyzer = Analyzer(args.model, args.device)
+    analyzer = Analyzer(args.model, args.device, args.precision)
     done, failed = [], 0
     for video in args.videos:
         bar = tqdm(desc=Path(video).name, unit="frame", dynamic_ncols=True, leave=False)
@@ -335,8 +340,14 @@ def _cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
     from fervid.worker.queue.supervisor import run
 
+    if args.precision:
+        os.environ["FERVID_PRECISION"] = args.precision  # the worker processes inherit it
+    elif os.environ.get("FERVID_PRECISION", "auto") not in PRECISIONS:  # fail here, not in every task
+        raise FervidError(f"FERVID_PRECISION={os.environ['FERVID_PRECISION']!r} is not one of {', '.join(PRECISIONS)}")
     return run(args.gpus, args.concurrency, args.loglevel)
 
 
@@ -419,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    e.add_argument("--precision", default=REFERENCE_PRECISION, choices=PRECISIONS,
+                   help="fp32 (default: the same figures on every machine), bf16, or auto as analyze runs")  # fmt: skip
     e.set_defaults(func=_cmd_eval)
 
     a = sub.add_parser("analyze", help="analyse videos in this process (embedded default: SQLite)")
@@ -426,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     _job_options(a)
     a.add_argument("--device", default=default("device", Options), help="cpu, cuda, cuda:N or auto (CUDA when present)")
     a.add_argument("--batch-size", type=int, default=default("batch_size", Options), help="frames per batch")
+    a.add_argument("--precision", default=default("precision", Options), choices=PRECISIONS,
+                   help="the emotion model's arithmetic (auto: bf16 where the CPU or GPU has it natively)")
     a.add_argument("--db", help="SQLAlchemy database URL (default: FERVID_DATABASE_URL, else a SQLite file)")
     a.add_argument("--csv", metavar="FILE", help="write the timeline rows of all videos as CSV")
     a.add_argument("--json", metavar="FILE", help="write the jobs and their rows as JSON")
@@ -463,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--concurrency", type=int, default=default("concurrency", Options),
                     help="CPU worker processes when there is no GPU")  # fmt: skip
     wk.add_argument("--loglevel", default=default("loglevel", Options))
+    wk.add_argument("--precision", choices=PRECISIONS,
+                    help="the emotion model's arithmetic "
+                    f"(default FERVID_PRECISION, else {default('precision', Options)})")  # fmt: skip
     wk.set_defaults(func=_cmd_worker)
 
     sv = sub.add_parser("serve", help="the HTTP API and its web page (FastAPI on uvicorn); jobs run in-process "

@@ -13,7 +13,8 @@ from fervid.checksum import sha256_file
 from fervid.errors import FervidError
 from fervid.model import weights
 from fervid.model.architectures import EmotionNet
-from fervid.model.config import DEFAULT_MODEL, ModelConfig
+from fervid.model.config import DEFAULT_MODEL, DEFAULT_PRECISION, ModelConfig
+from fervid.model.device import resolve_precision
 from fervid.model.ensemble import EnsembleNet, ensemble_sha256
 from fervid.model.predict import predict_proba, preprocess
 from fervid.model.registry import ARCHITECTURES, count_parameters, create_model
@@ -27,6 +28,7 @@ class EmotionClassifier:
     meta: dict
     path: Path
     sha256: str
+    precision: str = "fp32"  # what predict_proba computes in: "fp32" or "bf16" (resolved, never "auto")
 
     @property
     def cfg(self) -> ModelConfig:
@@ -54,7 +56,7 @@ class EmotionClassifier:
 
     def predict_proba(self, faces: torch.Tensor, batch_size: int = 256, tta: str = "none") -> torch.Tensor:
         """Class probabilities [N, 7] (on the CPU) for uint8 faces at the model's input size."""
-        return predict_proba(self.net, faces, batch_size=batch_size, tta=tta)
+        return predict_proba(self.net, faces, batch_size=batch_size, tta=tta, amp=self.precision == "bf16")
 
 
 def resolve_weights(name_or_path: str) -> tuple[str, Path, str | None]:
@@ -85,15 +87,20 @@ def model_identity(name_or_path: str) -> tuple[str, str]:
     return str(path.resolve()), sha256_file(path)
 
 
-def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: bool = True) -> EmotionClassifier:
+def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: bool = True,
+               precision: str = DEFAULT_PRECISION) -> EmotionClassifier:  # fmt: skip
     """A shipped model by name (checksum verified), or a weights file by path, in eval mode on `device`.
 
     With `optimize`, BatchNorm is folded into the convolutions (`optimize_for_inference`); the net always
-    runs channels_last. A shipped ensemble's name loads its members, each checked, behind one net.
+    runs channels_last. A shipped ensemble's name loads its members, each checked, behind one net. `precision`
+    (auto, fp32, bf16) is what `predict_proba` computes in; the weights stay float32 either way.
     """
+    resolved = resolve_precision(precision, torch.device(device))
     ensemble = weights.shipped_ensemble(name_or_path)
     if ensemble:
-        return _load_ensemble(name_or_path, *ensemble, device=device, optimize=optimize)
+        clf = _load_ensemble(name_or_path, *ensemble, device=device, optimize=optimize)
+        clf.precision = resolved
+        return clf
     name, path, expected_sha = resolve_weights(name_or_path)
     if not path.is_file():
         raise FervidError(f"{path}: weights file not found")
@@ -112,7 +119,7 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: 
     if optimize:
         net = optimize_for_inference(net)
     net = net.to(device).to(memory_format=torch.channels_last).eval()
-    return EmotionClassifier(name=name, net=net, meta=meta, path=path, sha256=sha)
+    return EmotionClassifier(name=name, net=net, meta=meta, path=path, sha256=sha, precision=resolved)
 
 
 def _load_ensemble(name: str, members: list[str], tta: str, expected_sha: str, device: str | torch.device,

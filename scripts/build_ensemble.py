@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fervid.model import weights
+from fervid.model.config import REFERENCE_PRECISION
 from fervid.model.ensemble import ENSEMBLE_TTA
 from fervid.model.loader import load_model
 from fervid.training.data import load_fer2013
@@ -38,7 +39,8 @@ def main() -> None:
 
     faces, labels = load_fer2013(args.data).split("PublicTest")
     faces_t = torch.from_numpy(faces)
-    probs = {name: load_model(name).predict_proba(faces_t, tta=args.tta).numpy() for name in args.candidates}
+    probs = {name: load_model(name, precision=REFERENCE_PRECISION).predict_proba(faces_t, tta=args.tta).numpy()
+             for name in args.candidates}  # fmt: skip
     scores = []
     for k in range(2, len(args.candidates) + 1):
         for subset in itertools.combinations(args.candidates, k):

@@ -17,6 +17,7 @@ import cv2
 import torch
 import torch.nn.functional as F
 
+from fervid.model.config import REFERENCE_PRECISION
 from fervid.model.loader import load_model
 from fervid.model.retinaface import load_retinaface
 from fervid.training.data import load_fer2013
@@ -32,7 +33,7 @@ def main() -> None:
     p.add_argument("--images", default=str(Path(__file__).resolve().parents[2] / "shared" / "images"))
     p.add_argument("--model", default="small")
     args = p.parse_args()
-    clf = load_model(args.model)
+    clf = load_model(args.model, precision=REFERENCE_PRECISION)
     det = load_retinaface("cpu")
 
     images, labels = load_fer2013(args.data).split("PublicTest")

@@ -5,10 +5,12 @@
 Measures, on the shipped weights (checksum verified): PublicTest and PrivateTest accuracy, plain and with flip and
 ten-crop TTA (an ensemble: as it is, with its own TTA); accuracy against the FER+ majority labels of PrivateTest
 (training.evaluate.ferplus_majority_labels); faces/s at batch 32 and batch 1 on this CPU
-(scripts.bench_models.faces_per_second). Writes the manifest's "eval" block (with the CPU, its features, thread
-count, torch version, load average and date) and refreshes model/weights/NAME.SPLIT.json and
-NAME.SPLIT.confusion.png. Faces/s are only as good as the machine is idle: the 1-minute load average at timing is
-recorded beside them.
+(scripts.bench_models.faces_per_second). Accuracies are in float32 (model.config.REFERENCE_PRECISION: the same on
+every machine); where this CPU runs bf16 natively, single-crop accuracy in bf16 is measured too, and faces/s are
+timed in the precision the pipeline runs in here ("precision"), with float32 beside them. Writes the manifest's
+"eval" block (with the CPU, its features, thread count, torch version, load average and date) and refreshes
+model/weights/NAME.SPLIT.json and NAME.SPLIT.confusion.png. Faces/s are only as good as the machine is idle: the
+1-minute load average at timing is recorded beside them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 import torch
 
 from fervid.model import weights
-from fervid.model.device import cpu_features, cpu_name
+from fervid.model.config import DEFAULT_PRECISION, REFERENCE_PRECISION
+from fervid.model.device import cpu_features, cpu_name, resolve_precision
 from fervid.model.loader import load_model
 from fervid.training.evaluate import evaluate, plot_confusion
 from scripts.bench_models import command_line, faces_per_second
@@ -44,10 +47,21 @@ def measure(name: str, data: Path, seconds: float, write_reports: bool = True) -
     ensemble = weights.shipped_ensemble(name) is not None
     if weights.shipped_weights(name) is None and not ensemble:
         raise SystemExit(f"{name!r} is not a shipped model (model/weights/manifest.json)")
-    clf = load_model(name, device="cpu")
+    clf = load_model(name, device="cpu", precision=REFERENCE_PRECISION)
     tta = () if ensemble else TTA  # an ensemble brings its own TTA: its single crop already is its best
+    cpu = torch.device("cpu")
+    fast = resolve_precision(DEFAULT_PRECISION, cpu)
     t0 = time.perf_counter()
     measured: dict = {"weights_sha256": clf.sha256, "data": data.name, "data_sha256": weights.sha256_file(data)}
+    if fast != REFERENCE_PRECISION:  # what the pipeline's arithmetic costs in accuracy, on the same faces
+        clf.precision = fast
+        measured[fast] = {}
+        for split in SPLITS:
+            report = evaluate(clf, data, split)
+            measured[fast][split] = report["accuracy"]
+            if split == "PrivateTest":
+                measured[fast]["ferplus_majority_PrivateTest"] = report["ferplus_majority"]["accuracy"]
+        clf.precision = REFERENCE_PRECISION
     for split in SPLITS:
         report = evaluate(clf, data, split, tta=tta)
         report["data"] = _shown(data)
@@ -61,9 +75,12 @@ def measure(name: str, data: Path, seconds: float, write_reports: bool = True) -
             plot_confusion(report, weights.WEIGHTS_DIR / f"{name}.{split}.confusion.png")
     eval_s = time.perf_counter() - t0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    measured["faces_per_s"] = {
-        f"batch_{b}": round(faces_per_second(clf.net, b, torch.device("cpu"), seconds)) for b in BATCHES
-    }
+    measured["faces_per_s"] = {f"batch_{b}": round(faces_per_second(clf.net, b, cpu, seconds, fast)) for b in BATCHES}
+    measured["precision"] = fast
+    if fast != REFERENCE_PRECISION:
+        measured["faces_per_s_" + REFERENCE_PRECISION] = {
+            f"batch_{b}": round(faces_per_second(clf.net, b, cpu, seconds, REFERENCE_PRECISION)) for b in BATCHES
+        }
     measured.update(
         cpu=cpu_name(), cpu_features=cpu_features(), threads=torch.get_num_threads(), torch=torch.__version__,
         load_avg_1min=None if load is None else round(load, 2),

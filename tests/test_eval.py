@@ -112,6 +112,7 @@ class _PixelModel:
     """Predicts the class written in each face's pixels (with TTA 'flip': the next class)."""
 
     name, sha256, classes, cfg = "stub", "0" * 64, CLASSES, SimpleNamespace(architecture="stub")
+    precision = "fp32"
 
     def predict_proba(self, faces: torch.Tensor, batch_size: int = 256, tta: str = "none") -> torch.Tensor:
         cls = faces[:, 0, 0].long() + (1 if tta == "flip" else 0)

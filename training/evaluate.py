@@ -76,6 +76,7 @@ def evaluate(
         "model": clf.name,
         "architecture": clf.cfg.architecture,
         "weights_sha256": clf.sha256,
+        "precision": clf.precision,
         "data": str(data_path),
         "split": split,
         "n": int(len(labels)),

@@ -22,7 +22,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from fervid.errors import FervidError
-from fervid.model.device import cpu_features, resolve_device
+from fervid.model.config import REFERENCE_PRECISION
+from fervid.model.device import native_bf16, resolve_device
 from fervid.model.predict import normalize, predict_proba
 from fervid.model.registry import create_model
 from fervid.model.weights import save_weights
@@ -37,10 +38,7 @@ def resolve_amp(amp: str, device: torch.device) -> bool:
     """bf16 autocast where the hardware has it: CUDA, and CPUs with native bf16 (AVX512-BF16 or AMX), detected at
     run time. Emulated bf16 is slower than fp32, so other CPUs train in fp32 (scripts/bench_training.py)."""
     if amp == "auto":
-        if device.type == "cuda":
-            return True
-        features = cpu_features()
-        return features["avx512_bf16"] or features["amx_bf16"]
+        return native_bf16(device)
     return amp == "on"
 
 
@@ -93,7 +91,7 @@ def _teacher_probs(cfg: TrainConfig, images: np.ndarray, device: torch.device) -
     from fervid.model.loader import load_model  # the loader only where a teacher is used
 
     t0 = time.time()
-    teacher = load_model(cfg.teacher, device=device)
+    teacher = load_model(cfg.teacher, device=device, precision=REFERENCE_PRECISION)  # same targets on any CPU
     probs = teacher.predict_proba(torch.from_numpy(images), batch_size=512).to(device)
     log.info("teacher %s (sha256 %s): %d training faces in %.0f s", cfg.teacher, teacher.sha256[:12], len(images),
              time.time() - t0)  # fmt: skip

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, fields
 
 from fervid.errors import FervidError
-from fervid.model.config import DEFAULT_MODEL
+from fervid.model.config import DEFAULT_MODEL, DEFAULT_PRECISION
 
 # RetinaFace's smallest anchors are 16 px; a face of `min_face` pixels must still be ~20 px at the detector's
 # input, so frames are shrunk by 20 / min_face before detection (never enlarged).
@@ -60,6 +60,7 @@ class Options:
     """Choices of a run or a query that are not part of what a job is: changing them never makes another job."""
 
     device: str = "auto"  # cpu, cuda, cuda:N, or auto: CUDA where present
+    precision: str = DEFAULT_PRECISION  # the emotion model's arithmetic: auto (bf16 where native), fp32 or bf16
     batch_size: int = 16  # frames per batch through the models
     priority: int = 0  # of a submitted job, 0-9: higher runs first
     concurrency: int = 1  # CPU worker processes of `fervid worker` where there is no GPU

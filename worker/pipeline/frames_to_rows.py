@@ -57,9 +57,10 @@ class StageTimes:
 class Analyzer:
     """The detector and the emotion model on one device, loaded once and reused for every job."""
 
-    def __init__(self, model: str = Settings.model, device: str = Options.device) -> None:
+    def __init__(self, model: str = Settings.model, device: str = Options.device,
+                 precision: str = Options.precision) -> None:  # fmt: skip
         self.device = resolve_device(device)
-        self.classifier = load_model(model, device=self.device)
+        self.classifier = load_model(model, device=self.device, precision=precision)
         self.detector = load_retinaface(self.device)
         # What a job records as its model: a shipped name, or the weights file's absolute path.
         self.model_id = model_identity(model)[0]

@@ -44,7 +44,8 @@ def analyzer_for(model: str, sha256: str):  # noqa: ANN201
 
     from fervid.worker.pipeline.frames_to_rows import Analyzer
 
-    analyzer = Analyzer(model, os.environ.get("FERVID_DEVICE", Options.device))
+    analyzer = Analyzer(model, os.environ.get("FERVID_DEVICE", Options.device),
+                        os.environ.get("FERVID_PRECISION", Options.precision))  # fmt: skip
     if analyzer.classifier.sha256 != sha256:
         raise FervidError(
             f"{model}: the weights here (sha256 {analyzer.classifier.sha256[:12]}...) are not the ones the job was "
