@@ -346,9 +346,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     if args.precision:
         os.environ["FERVID_PRECISION"] = args.precision  # the worker processes inherit it
-    elif os.environ.get("FERVID_PRECISION", "auto") not in PRECISIONS:  # fail here, not in every task
-        raise FervidError(f"FERVID_PRECISION={os.environ['FERVID_PRECISION']!r} is not one of {', '.join(PRECISIONS)}")
+    _check_precision_env()
     return run(args.gpus, args.concurrency, args.loglevel)
+
+
+def _check_precision_env() -> None:
+    """FERVID_PRECISION, which the processes that run jobs read: a bad value fails the command, not every job."""
+    import os
+
+    value = os.environ.get("FERVID_PRECISION")
+    if value is not None and value not in PRECISIONS:
+        raise FervidError(f"FERVID_PRECISION={value!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -359,6 +367,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from fervid.worker.settings import ServerSettings
 
     settings = ServerSettings.from_env()
+    _check_precision_env()
     check_listen(args.host, settings.api_tokens)
     app = create_app(settings, db=args.db)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

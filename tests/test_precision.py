@@ -86,9 +86,10 @@ def test_eval_reports_its_arithmetic(fer_npz, tmp_path):
     assert abs(reports[None]["accuracy"] - reports["auto"]["accuracy"]) <= 0.02
 
 
-def test_a_worker_refuses_an_unknown_precision():
+@pytest.mark.parametrize("command", ["worker", "serve"])
+def test_the_commands_that_run_jobs_refuse_an_unknown_precision(command):
     env = os.environ | {"FERVID_PRECISION": "half"}
-    proc = subprocess.run([sys.executable, "-m", "fervid.cli", "worker"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "fervid.cli", command], env=env, capture_output=True, text=True,
                           timeout=60, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 2 and "FERVID_PRECISION='half' is not one of auto, fp32, bf16" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
