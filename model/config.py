@@ -14,7 +14,7 @@ DEFAULT_MODEL = "medium-distilled"
 
 # The arithmetic the emotion model runs in. "auto": bfloat16 where the device computes it natively (CPUs with
 # AVX-512 BF16 or AMX, CUDA GPUs with bf16), else float32. On such CPUs bf16 is about 2x faster at batch 32, and on
-# FER2013's PrivateTest it moves the top class of about 0.3% of faces and each probability by at most ~0.03
+# FER2013's PrivateTest it moves the top class of 0.3-0.6% of faces and each probability by at most ~0.04
 # (BENCHMARKS.md); its results do not depend on how faces are batched. Accuracy reports use REFERENCE_PRECISION:
 # bf16 kernels differ between CPU generations, float32 gives the same figures on every machine.
 PRECISIONS = ("auto", "fp32", "bf16")
