@@ -136,10 +136,10 @@ class Cluster:
         self.workers: list[subprocess.Popen] = []
         self.sessions = open_database(pg_url)
 
-    def start_workers(self, n: int = 1, env: dict | None = None) -> subprocess.Popen:
+    def start_workers(self, n: int = 1, env: dict | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
         log = open(self.tmp / f"worker{len(self.workers)}.log", "w")
-        p = subprocess.Popen([sys.executable, "-m", "fervid.cli", "worker", "--gpus", "none", "--concurrency", str(n)],
-                             cwd=ROOT, env=self.env | (env or {}), stdout=log, stderr=subprocess.STDOUT,
+        p = subprocess.Popen([sys.executable, "-m", "fervid.cli", "worker", "--gpus", "none", "--concurrency", str(n),
+                              *args], cwd=ROOT, env=self.env | (env or {}), stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)  # fmt: skip
         self.workers.append(p)
         return p
@@ -192,15 +192,16 @@ def submitted_ids(proc: subprocess.CompletedProcess) -> list[int]:
 
 
 def reference_rows(tmp_path: Path, video: Path, settings: Settings, segment_s: float,
-                   concurrency: int = 1) -> list[tuple]:  # fmt: skip
+                   concurrency: int = 1, args: tuple[str, ...] = ()) -> list[tuple]:  # fmt: skip
     """The rows a clean, uninterrupted `fervid analyze` of the same job gives: the same segments (so the frames go
     through the models in the same batches) and the threads of a worker started with `concurrency` (float sums
     differ in their last digits between thread counts, by up to ~3e-4 in a probability)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{tmp_path / 'reference.db'}"
     threads = str(threads_per_worker(concurrency))
     env = os.environ | {"OMP_NUM_THREADS": threads, "FERVID_SEGMENT_S": str(segment_s)}
     proc = subprocess.run([sys.executable, "-m", "fervid.cli", "analyze", str(video), "--fps", str(settings.sample_fps),
-                           "--device", "cpu", "--db", db], cwd=ROOT, env=env, capture_output=True, text=True,
+                           "--device", "cpu", "--db", db, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = int(proc.stdout.split(": job ")[1].split()[0])

@@ -166,3 +166,22 @@ def test_submit_options_reach_the_workers(cluster):
     cluster.start_workers(1)
     job = cluster.wait([c])[c]
     assert job.status == Status.FAILED and "not the ones the job was submitted with" in job.error, job.error
+
+
+def test_workers_run_in_the_precision_they_are_given(cluster, tmp_path):
+    """`fervid worker --precision fp32` gives the rows of `fervid analyze --precision fp32`; where this CPU's default
+    is bf16, those differ from the default's, so the flag really reached the processes that compute."""
+    import torch
+
+    from fervid.model.device import resolve_precision
+    from fervid.worker.settings import QueuePolicy
+
+    video = shared_path("videos", "pyfeat_single_face.mp4")
+    cluster.start_workers(1, args=("--precision", "fp32"))
+    job = submitted_ids(cluster.cli("submit", str(video), "--fps", "10"))[0]
+    assert cluster.wait([job])[job].status == Status.DONE
+    got, settings, segment_s = rows_of(cluster.sessions, job), Settings(sample_fps=10), QueuePolicy().segment_s
+    assert_same_rows(got, reference_rows(tmp_path / "fp32", video, settings, segment_s, args=("--precision", "fp32")))
+    if resolve_precision("auto", torch.device("cpu")) == "bf16":
+        with pytest.raises(AssertionError):
+            assert_same_rows(got, reference_rows(tmp_path / "auto", video, settings, segment_s))
