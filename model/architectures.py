@@ -140,3 +140,52 @@ class MediumCNN(EmotionNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's basic block (two 3x3 convolutions and a shortcut; a strided 1x1 projection where the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_bn_relu(cin, cout, stride),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNetCNN(EmotionNet):
+    """A small ResNet: residual blocks and strided convolutions instead of `medium`'s VGG stack and max-pooling.
+
+    A different family from `small` and `medium`, so its mistakes differ from theirs and an ensemble gains from it.
+    """
+
+    architecture = "resnet"
+
+    def __init__(
+        self,
+        cfg: ModelConfig | None = None,
+        widths: tuple[int, ...] = (32, 64, 128, 256),
+        blocks: tuple[int, ...] = (1, 1, 2),
+    ) -> None:
+        super().__init__(cfg)
+        c0, *stages = widths
+        layers: list[nn.Module] = _conv_bn_relu(1, c0)  # 48
+        cin = c0
+        for w, n in zip(stages, blocks, strict=True):  # 48 -> 24 -> 12 -> 6
+            layers += [_BasicBlock(cin, w, stride=2)] + [_BasicBlock(w, w) for _ in range(n - 1)]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(cin, self.num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

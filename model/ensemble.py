@@ -1,4 +1,4 @@
-"""Ensembles: several trained nets averaged (with flip test-time augmentation) behind one model name.
+"""Ensembles: several trained nets averaged (with test-time augmentation) behind one model name.
 
 An ensemble is a net like any other here: it carries a config and returns logits, so everything that takes a model
 name (`analyze`, `submit`, `eval`, the API) takes an ensemble's name too.
@@ -14,12 +14,14 @@ from torch import nn
 
 from fervid.model.architectures import EmotionNet
 from fervid.model.config import ModelConfig
+from fervid.model.predict import TTA_MODES, tta_views
 
-ENSEMBLE_TTA = ("none", "flip")
+ENSEMBLE_TTA = TTA_MODES
 
 
 class EnsembleNet(EmotionNet):
-    """The mean of its members' class probabilities over the views (the face, and its mirror image with "flip").
+    """The mean of its members' class probabilities over the views of `tta` (model.predict.tta_views: the face; with
+    "flip" its mirror image too; with "tencrop" five shifted windows and their mirror images).
 
     Returns the log of that mean: softmax of it gives the mean back, so callers treat it as logits.
     """
@@ -41,7 +43,7 @@ class EnsembleNet(EmotionNet):
         self.tta = tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        views = [x, x.flip(-1).contiguous(memory_format=torch.channels_last)] if self.tta == "flip" else [x]
+        views = [v.contiguous(memory_format=torch.channels_last) for v in tta_views(x, self.tta)]
         probs = sum(m(v).float().softmax(1) for m in self.members for v in views)
         return (probs / (len(self.members) * len(views))).clamp_min(1e-12).log()
 

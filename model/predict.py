@@ -25,7 +25,8 @@ def preprocess(faces: torch.Tensor, cfg: ModelConfig, device: torch.device | str
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The views of a normalised batch that `tta` averages over (1 for none, 2 for flip, 10 for tencrop)."""
     if tta == "none":
         return [x]
     if tta == "flip":
@@ -52,7 +53,7 @@ def predict_proba(
     net.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        views = _views(preprocess(images[i : i + batch_size], net.cfg, dev), tta)
+        views = tta_views(preprocess(images[i : i + batch_size], net.cfg, dev), tta)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             probs = sum(net(v.contiguous(memory_format=torch.channels_last)).float().softmax(1) for v in views)
         out.append((probs / len(views)).cpu())

@@ -5,10 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from fervid.errors import FervidError
-from fervid.model.architectures import EmotionNet, MediumCNN, SeedCNN, SmallCNN
+from fervid.model.architectures import EmotionNet, MediumCNN, ResNetCNN, SeedCNN, SmallCNN
 from fervid.model.config import ModelConfig
 
-ARCHITECTURES: dict[str, type[EmotionNet]] = {cls.architecture: cls for cls in (SeedCNN, SmallCNN, MediumCNN)}
+ARCHITECTURES: dict[str, type[EmotionNet]] = {
+    cls.architecture: cls for cls in (SeedCNN, SmallCNN, MediumCNN, ResNetCNN)
+}
 
 
 def create_model(architecture: str, cfg: ModelConfig | None = None) -> EmotionNet:

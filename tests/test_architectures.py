@@ -52,3 +52,14 @@ def test_small_runs_and_carries_its_config():
     assert net(torch.zeros(3, 1, 48, 48)).shape == (3, 7)
     assert net.cfg.input_size == (1, 48, 48)
     assert net.cfg.classes == ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
+
+
+def test_resnet_halves_the_resolution_per_stage_with_residual_blocks():
+    net = create_model("resnet").eval()
+    shapes: list[tuple] = []
+    for block in net.features:
+        block.register_forward_hook(lambda m, i, o: shapes.append((type(m).__name__, tuple(o.shape[1:]))))
+    assert net(torch.zeros(2, 1, 48, 48)).shape == (2, 7)
+    blocks = [s for name, s in shapes if name == "_BasicBlock"]
+    assert blocks == [(64, 24, 24), (128, 12, 12), (256, 6, 6), (256, 6, 6)]
+    assert net.cfg.architecture == "resnet" and net.cfg.input_size == (1, 48, 48)

@@ -45,7 +45,7 @@ def shipped(tmp_path, monkeypatch):
     return folder
 
 
-@pytest.mark.parametrize("arch", ["seed", "small", "medium"])
+@pytest.mark.parametrize("arch", ["seed", "small", "medium", "resnet"])
 def test_folding_batchnorm_keeps_outputs_class_and_config(arch):
     net = _trained_like(arch, 3)
     x = torch.randn(6, 1, 48, 48)
@@ -76,6 +76,13 @@ def test_an_ensemble_averages_its_members_with_flips(shipped):
     expected = (predict_proba(load_model("a").net, faces, amp=amp) +
                 predict_proba(load_model("b").net, faces, amp=amp)) / 2  # fmt: skip
     assert torch.allclose(load_model("duo").predict_proba(faces), expected, atol=1e-5)
+    # Ten crops: the mean over both members' ten views each, the same views `fervid eval --tta tencrop` averages.
+    crops = register_ensemble("duo", ["a", "b"], tta="tencrop")
+    assert crops not in (sha, plain)
+    expected = (predict_proba(load_model("a").net, faces, tta="tencrop", amp=amp) +
+                predict_proba(load_model("b").net, faces, tta="tencrop", amp=amp)) / 2  # fmt: skip
+    assert torch.allclose(load_model("duo").predict_proba(faces), expected, atol=1e-5)
+    plain = register_ensemble("duo", ["a", "b"], tta="none")
     row = [r for r in list_models() if r["name"] == "duo"][0]
     n_a = sum(p.numel() for p in create_model("small").parameters())
     n_b = sum(p.numel() for p in create_model("medium").parameters())
@@ -99,8 +106,8 @@ def test_registering_a_bad_ensemble_says_why(shipped):
     register_ensemble("duo", ["a", "b"])
     with pytest.raises(FervidError, match="'duo' is not a shipped weights file"):
         register_ensemble("trio", ["a", "duo"])
-    with pytest.raises(FervidError, match="unknown TTA 'tencrop'"):
-        register_ensemble("trio", ["a", "b"], tta="tencrop")
+    with pytest.raises(FervidError, match="unknown TTA 'mirror'"):
+        register_ensemble("trio", ["a", "b"], tta="mirror")
     with pytest.raises(FervidError, match="distinct"):
         register_ensemble("trio", ["a", "a"])
     with pytest.raises(FervidError, match="names shipped weights, not an ensemble"):

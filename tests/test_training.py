@@ -16,7 +16,8 @@ from tests.conftest import ROOT, run_cli
 
 
 @pytest.mark.parametrize("arch, extra", [("small", []), ("seed", []),
-                                         ("medium", ["--soft-targets", "0.5", "--ema", "0.99"])])  # fmt: skip
+                                         ("medium", ["--soft-targets", "0.5", "--ema", "0.99"]),
+                                         ("resnet", [])])  # fmt: skip
 def test_one_epoch_smoke_training(arch, extra, fer_npz, tmp_path):
     out = tmp_path / arch
     run_cli("train", "--arch", arch, "--data", str(fer_npz), "--out", str(out),
