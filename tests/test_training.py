@@ -1,6 +1,7 @@
 """`fervid train` end to end on a slice of the real FER2013: both architectures, and resume after a kill."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,3 +153,18 @@ def test_distilling_a_teacher_into_a_student(fer_npz, tmp_path):
             check=True)  # fmt: skip
     assert f"teacher {teacher} (sha256 " in (out / "train.log").read_text()
     assert f"--teacher {teacher}" in read_metadata(out / "model.safetensors")["command"]
+    assert (out / "teacher_probs.pt").is_file()
+    # --resume reads the teacher's probabilities back from the run folder instead of computing them again...
+    resume = ["train", "--arch", "small", "--out", str(out), *common, "--distill", "0.7", "--teacher", str(teacher)]
+    run_cli(*resume, "--resume", check=True)
+    log = (out / "train.log").read_text()
+    assert f"probabilities of 256 training faces from {out / 'teacher_probs.pt'}" in log
+    # ...unless the teacher was retrained at the same path since: then they are computed anew.
+    saved = torch.load(out / "teacher_probs.pt", weights_only=True)
+    run_cli("train", "--arch", "small", "--out", str(tmp_path / "teacher2"), *common, "--seed", "5", check=True)
+    shutil.copy(tmp_path / "teacher2" / "model.safetensors", teacher)
+    run_cli(*resume, "--resume", check=True)
+    log = (out / "train.log").read_text()
+    assert log.count("256 training faces in ") == 2 and log.count("probabilities of 256 training faces from") == 1
+    again = torch.load(out / "teacher_probs.pt", weights_only=True)
+    assert again["teacher_sha256"] != saved["teacher_sha256"] and not torch.equal(again["probs"], saved["probs"])

@@ -6,6 +6,7 @@ Model selection uses PublicTest only; PrivateTest is reported at the end and nev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -84,18 +85,33 @@ def _soft_target(y: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor] | None
     return target
 
 
-def _teacher_probs(cfg: TrainConfig, images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The teacher's class probabilities for the training images as they are (before augmentation)."""
+def _teacher_probs(cfg: TrainConfig, images: np.ndarray, device: torch.device, out: Path) -> torch.Tensor:
+    """The teacher's class probabilities for the training images as they are (before augmentation).
+
+    They cost minutes for an ensemble teacher on a CPU, so the run folder keeps them (`teacher_probs.pt`) for
+    `--resume`, keyed by the teacher's checksum and the images' own: a retrained teacher or other data recomputes.
+    """
     if not cfg.teacher:
         raise FervidError("--distill needs --teacher (a shipped model name or a .safetensors path)")
-    from fervid.model.loader import load_model  # the loader only where a teacher is used
+    from fervid.model.loader import load_model, model_identity  # the loader only where a teacher is used
 
+    key = {"teacher_sha256": model_identity(cfg.teacher)[1], "images_sha256": hashlib.sha256(images).hexdigest()}
+    cache = out / "teacher_probs.pt"
+    if cache.is_file():
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        if {k: saved.get(k) for k in key} == key:
+            log.info("teacher %s (sha256 %s): probabilities of %d training faces from %s", cfg.teacher,
+                     key["teacher_sha256"][:12], len(images), cache)  # fmt: skip
+            return saved["probs"].to(device)
     t0 = time.time()
     teacher = load_model(cfg.teacher, device=device, precision=REFERENCE_PRECISION)  # same targets on any CPU
-    probs = teacher.predict_proba(torch.from_numpy(images), batch_size=512).to(device)
+    probs = teacher.predict_proba(torch.from_numpy(images), batch_size=512)
     log.info("teacher %s (sha256 %s): %d training faces in %.0f s", cfg.teacher, teacher.sha256[:12], len(images),
              time.time() - t0)  # fmt: skip
-    return probs
+    tmp = cache.with_suffix(".tmp")
+    torch.save({**key, "probs": probs}, tmp)
+    os.replace(tmp, cache)
+    return probs.to(device)
 
 
 def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) -> Path:
@@ -128,7 +144,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
         if cfg.limit:
             dist, has = dist[: cfg.limit], has[: cfg.limit]
         soft = (torch.from_numpy(dist).to(device), torch.from_numpy(has).to(device))
-    teacher = _teacher_probs(cfg, x_train, device) if cfg.distill else None
+    teacher = _teacher_probs(cfg, x_train, device, out) if cfg.distill else None
     x_train = torch.from_numpy(x_train).unsqueeze(1).to(device)
     y_train = torch.from_numpy(y_train).to(device)
 
