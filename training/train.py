@@ -95,7 +95,8 @@ def _teacher_probs(cfg: TrainConfig, images: np.ndarray, device: torch.device, o
         raise FervidError("--distill needs --teacher (a shipped model name or a .safetensors path)")
     from fervid.model.loader import load_model, model_identity  # the loader only where a teacher is used
 
-    key = {"teacher_sha256": model_identity(cfg.teacher)[1], "images_sha256": hashlib.sha256(images).hexdigest()}
+    key = {"teacher_sha256": model_identity(cfg.teacher)[1],
+           "images_sha256": hashlib.sha256(np.ascontiguousarray(images)).hexdigest()}
     cache = out / "teacher_probs.pt"
     if cache.is_file():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
