@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import run_cli, shared_path
+from conftest import ROOT, run_cli, shared_path
 
 from fervid.errors import FervidError
 from fervid.model import weights
@@ -112,6 +115,75 @@ def test_registering_a_bad_ensemble_says_why(shipped):
         register_ensemble("trio", ["a", "a"])
     with pytest.raises(FervidError, match="names shipped weights, not an ensemble"):
         register_ensemble("a", ["b"])
+
+
+def _build_ensemble_script():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("build_ensemble", ROOT / "scripts" / "build_ensemble.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _confident(classes: list[int], p: float) -> np.ndarray:
+    probs = np.full((len(classes), 7), (1 - p) / 6)
+    probs[np.arange(len(classes)), classes] = p
+    return probs
+
+
+def test_an_ensemble_is_chosen_on_fer2013_without_losing_on_ferplus():
+    """A subset perfect on FER2013 but wrong where the FER+ crowd disagrees loses to one that keeps the FER+ floor."""
+    rank_subsets = _build_ensemble_script().rank_subsets
+    fer2013 = [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+    ferplus = np.array([0, 1, 2, 3, 4, 5, 3, 3, 3, -1])  # rows 6-8: the crowd says Happy; row 9 has no majority
+    crowd = [int(f) if f >= 0 else c for f, c in zip(ferplus, fer2013, strict=True)]
+    probs = {"fer": _confident(fer2013, 0.6), "fer2": _confident(fer2013, 0.6), "plus": _confident(crowd, 0.9)}
+    labels = np.array(fer2013)
+
+    def table(ranked):  # noqa: ANN001, ANN202
+        return [(c.members, c.tta, c.fer2013, c.ferplus) for c in ranked]
+
+    # No floor (a new name): FER2013 first, then FER+, then the larger subset; "plus" is outvoted by the two fers.
+    assert table(rank_subsets({"none": probs}, labels, ferplus)[:2]) == [
+        (("fer", "fer2", "plus"), "none", 1.0, 6 / 9), (("fer", "fer2"), "none", 1.0, 6 / 9)]  # fmt: skip
+    # A floor of 0.9 on FER+: only the pairs with "plus" keep it, and they lead whatever their FER2013.
+    ranked = rank_subsets({"none": probs}, labels, ferplus, ferplus_floor=0.9)
+    assert table(ranked[:2]) == [(("fer", "plus"), "none", 0.7, 1.0), (("fer2", "plus"), "none", 0.7, 1.0)]
+    assert ranked[2].members == ("fer", "fer2", "plus") and ranked[2].ferplus < 0.9
+
+    # Without FER+ votes, FER2013 alone ranks; a tie goes to the larger subset, then to the TTA with fewer views.
+    assert table(rank_subsets({"flip": probs, "none": probs}, labels, None, ferplus_floor=0.9)[:4]) == [
+        (("fer", "fer2", "plus"), "none", 1.0, None), (("fer", "fer2", "plus"), "flip", 1.0, None),
+        (("fer", "fer2"), "none", 1.0, None), (("fer", "fer2"), "flip", 1.0, None),
+    ]  # fmt: skip
+
+
+def test_build_ensemble_registers_its_choice_and_then_keeps_its_ferplus(shipped, tmp_path, monkeypatch, capsys):
+    """The script as a maintainer runs it: scores every subset and TTA on PublicTest, then registers the best; run
+    again, it measures the registered ensemble first and holds a new choice to its FER+ accuracy."""
+    rng = np.random.default_rng(0)
+    n = 40
+    votes = rng.integers(0, 6, size=(n, 10)).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, size=(n, 48, 48), dtype=np.uint8),
+             labels=rng.integers(0, 7, size=n), usage=np.array([1] * 30 + [2] * 10, np.uint8),
+             ferplus_votes=votes, ferplus_valid=np.ones(n, bool))  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["build_ensemble", "duo", "a", "b", "--tta", "none", "flip",
+                                      "--data", str(tmp_path / "d.npz")])  # fmt: skip
+    script = _build_ensemble_script()
+    script.main()
+    out = capsys.readouterr().out
+    chosen = next(line for line in out.splitlines() if line.startswith("chosen: "))
+    assert chosen.startswith("chosen: a + b with ") and "FER+" in chosen and "duo now:" not in out
+    tta = chosen.split(" with ")[1].split()[0]
+    members, registered_tta, sha = weights.shipped_ensemble("duo")
+    assert members == ["a", "b"] and registered_tta == tta
+    assert out.count("PublicTest FER2013") == 2 * 2 + 2 + 1  # each member and the pair under each TTA; the choice
+
+    script.main()
+    out = capsys.readouterr().out
+    now = next(line for line in out.splitlines() if line.startswith("duo now: "))
+    assert now.startswith(f"duo now: a + b with {tta} TTA") and "keeps FER+ at" in now
+    assert weights.shipped_ensemble("duo") == (members, tta, sha)
 
 
 def test_the_shipped_accurate_ensemble_wherever_a_model_name_goes(fer_npz, tmp_path):
