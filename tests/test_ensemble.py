@@ -183,7 +183,23 @@ def test_build_ensemble_registers_its_choice_and_then_keeps_its_ferplus(shipped,
     out = capsys.readouterr().out
     now = next(line for line in out.splitlines() if line.startswith("duo now: "))
     assert now.startswith(f"duo now: a + b with {tta} TTA") and "keeps FER+ at" in now
+    assert "right on 0 faces it gets wrong, wrong on 0 it gets right" in out  # the same choice again
+    assert "not better than duo now beyond chance on PublicTest: 'duo' is left as it is" in out
     assert weights.shipped_ensemble("duo") == (members, tta, sha)
+
+
+def test_a_new_ensemble_must_beat_the_registered_one_beyond_chance():
+    beats = _build_ensemble_script().beats
+    labels = np.zeros(1000, int)
+    old = np.ones(1000, int)  # wrong everywhere
+    new = old.copy()
+    new[:10] = 0  # right on 10 faces the old one gets wrong: 10 - 0 > 1.96 * sqrt(10)
+    assert beats(new, old, labels) == (True, 10, 0)
+    old[10:16] = 0  # the old one right on 6 others: 10 - 6 is no lead among 16 coin flips
+    assert beats(new, old, labels) == (False, 10, 6)
+    new[10:16] = 0
+    assert beats(new, old, labels) == (True, 10, 0)
+    assert beats(old, old, labels) == (False, 0, 0)
 
 
 def test_the_shipped_accurate_ensemble_wherever_a_model_name_goes(fer_npz, tmp_path):
