@@ -86,6 +86,7 @@ def rank_subsets(
         for k in range(2, len(by_member) + 1)
         for subset in itertools.combinations(by_member, k)
     ]
+
     def key(c: Candidate) -> tuple:
         return keeps(c, ferplus_floor), c.fer2013, c.ferplus or 0.0, len(c.members), -ENSEMBLE_TTA.index(c.tta)
 
