@@ -387,7 +387,7 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=float, default=default("start_s"), help="start of the time range, in seconds")
     p.add_argument("--end", type=float, default=default("end_s"), help="end of the time range, in seconds")
     p.add_argument("--model", default=default("model"),
-                   help="emotion model: shipped name or .safetensors path (default %(default)s)")
+                   help="emotion model: shipped name, .safetensors path, or a+b+c averaged (default %(default)s)")
     p.add_argument("--threshold", type=float, default=default("score_threshold"),
                    help="face detection score threshold (default %(default)s)")
     p.add_argument("--min-face", type=int, default=default("min_face"),
@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill", type=float, default=train_default("distill"), metavar="W",
                    help="weight of the --teacher model's class probabilities in the target (0 = off)")
     t.add_argument("--teacher", default=train_default("teacher"), metavar="MODEL",
-                   help="the model to distil: a shipped name (an ensemble too) or a .safetensors path")
+                   help="the model to distil: a shipped name (an ensemble too), a .safetensors path, or a+b+c averaged")
     t.add_argument("--ema", type=float, default=train_default("ema"), metavar="DECAY",
                    help="evaluate and export an exponential moving average of the weights (e.g. 0.999; 0 = off)")
     t.add_argument("--seed", type=int, default=train_default("seed"))
@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model on a FER2013 split")
     e.add_argument("--model", default=DEFAULT_MODEL,
-                   help="shipped model name or a .safetensors path (default %(default)s)")  # fmt: skip
+                   help="shipped model name, .safetensors path, or a+b+c averaged (default %(default)s)")  # fmt: skip
     e.add_argument("--data", required=True, help="fer2013 .npz / .npz.xz, Kaggle fer2013.csv, or image folder")
     e.add_argument("--split", default="PrivateTest", choices=["Training", "PublicTest", "PrivateTest"])
     e.add_argument("--tta", default="none", choices=["none", "flip", "tencrop", "all"],

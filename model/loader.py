@@ -20,6 +20,8 @@ from fervid.model.predict import predict_proba, preprocess
 from fervid.model.registry import ARCHITECTURES, count_parameters, create_model
 from fervid.model.weights import load_state_dict_into, read_metadata
 
+ADHOC_TTA = "flip"  # what an ensemble named by its members (`a+b+c`) averages over, as shipped ensembles mostly do
+
 
 @dataclass
 class EmotionClassifier:
@@ -70,15 +72,31 @@ def resolve_weights(name_or_path: str) -> tuple[str, Path, str | None]:
     if name_or_path in ARCHITECTURES:
         raise FervidError(f"model {name_or_path!r} has no trained weights shipped; train it with `fervid train`")
     known = ", ".join(sorted(weights.read_manifest())) or "none"
-    raise FervidError(f"unknown model {name_or_path!r} (shipped: {known}; or give a .safetensors path)")
+    raise FervidError(f"unknown model {name_or_path!r} (shipped: {known}; or a .safetensors path; or a+b+c)")
+
+
+def adhoc_members(name_or_path: str) -> list[str] | None:
+    """The members of an ensemble named by them, `a+b+c` (shipped names or weights paths, averaged with
+    ADHOC_TTA), or None for a single model's name or path (a file whose own name holds a `+` stays one model)."""
+    if "+" not in name_or_path or weights.read_manifest().get(name_or_path) or Path(name_or_path).exists():
+        return None
+    members = name_or_path.split("+")
+    if not all(members) or len(set(members)) != len(members):
+        raise FervidError(f"model {name_or_path!r}: an ensemble names distinct members as a+b+c")
+    return members
 
 
 def model_identity(name_or_path: str) -> tuple[str, str]:
     """What a job records as its model, without loading it: (a shipped name, or the weights file's absolute
-    path, which workers then load; the sha256 the loaded model must have)."""
+    path, which workers then load; the sha256 the loaded model must have). An ensemble named `a+b+c` is
+    recorded as its members' identities joined by `+`."""
     ensemble = weights.shipped_ensemble(name_or_path)
     if ensemble:
         return name_or_path, ensemble[2]
+    members = adhoc_members(name_or_path)
+    if members:
+        ids = dict(model_identity(m) for m in members)
+        return "+".join(ids), ensemble_sha256(ids, ADHOC_TTA)
     name, path, expected_sha = resolve_weights(name_or_path)
     if not path.is_file():
         raise FervidError(f"{path}: weights file not found")
@@ -97,7 +115,10 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: 
     """
     resolved = resolve_precision(precision, torch.device(device))
     ensemble = weights.shipped_ensemble(name_or_path)
-    if ensemble:
+    members = None if ensemble else adhoc_members(name_or_path)
+    if ensemble or members:
+        if members:
+            ensemble = (members, ADHOC_TTA, model_identity(name_or_path)[1])
         clf = _load_ensemble(name_or_path, *ensemble, device=device, optimize=optimize)
         clf.precision = resolved
         return clf
@@ -125,7 +146,10 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: 
 def _load_ensemble(name: str, members: list[str], tta: str, expected_sha: str, device: str | torch.device,
                    optimize: bool) -> EmotionClassifier:  # fmt: skip
     loaded = [load_model(m, device=device, optimize=optimize) for m in members]
-    sha = ensemble_sha256({c.name: c.sha256 for c in loaded}, tta)
+    # A member is identified as a job records it: a shipped name, or its weights file's absolute path.
+    sha = ensemble_sha256({model_identity(m)[0]: c.sha256 for m, c in zip(members, loaded, strict=True)}, tta)
+    if sha != expected_sha and adhoc_members(name):
+        raise FervidError(f"model {name!r}: a member's weights changed while it was being loaded")
     if sha != expected_sha:
         raise FervidError(
             f"model {name!r}: the weights of its members ({', '.join(members)}) changed since the ensemble was "

@@ -17,8 +17,10 @@ T = TypeVar("T")
 pytest_plugins = ["tests.cluster"]  # the queue tests' fixtures: redis, cluster, proxied
 
 # Under pytest-xdist (scripts/test.sh) each worker takes one file at a time, in collection order. The longest files
-# go first, so that the fault tests, which mostly wait, overlap with everything else instead of ending the run alone.
-LONGEST_FIRST = ("test_chaos.py", "test_queue_faults.py")
+# go first (as `--durations` measured them), so that the fault tests, which mostly wait, overlap with everything
+# else, and the short files even out the two workers' ends instead of a long one ending the run alone.
+LONGEST_FIRST = ("test_chaos.py", "test_queue_faults.py", "test_training.py", "test_eval.py", "test_queue.py",
+                 "test_ensemble.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -103,6 +103,39 @@ def test_an_ensemble_refuses_members_retrained_since_it_was_registered(shipped):
     assert load_model("duo").sha256 == sha
 
 
+def test_an_ensemble_named_by_its_members(shipped, tmp_path):
+    """`a+b` anywhere a model name goes: the flip-averaged ensemble of its members, registered nowhere; a member
+    given as a weights file is recorded by its absolute path, as a job records a single model."""
+    register_ensemble("duo", ["a", "b"], tta="flip")
+    registered = load_model("duo")
+    clf = load_model("a+b")
+    assert clf.name == "a+b" and isinstance(clf.net, EnsembleNet) and clf.net.tta == "flip"
+    assert clf.sha256 == registered.sha256 and model_identity("a+b") == ("a+b", registered.sha256)
+    faces = torch.randint(0, 256, (10, 48, 48), dtype=torch.uint8)
+    assert torch.equal(clf.predict_proba(faces), registered.predict_proba(faces))
+    assert model_identity("b+a")[1] != registered.sha256  # the order is part of the identity
+
+    loose = tmp_path / "loose.safetensors"
+    net = _trained_like("small", 5)
+    save_weights(net, loose, net.cfg)
+    mixed = load_model(f"a+{loose}")
+    ident = model_identity(f"a+{loose}")
+    assert ident[0] == f"a+{loose.resolve()}" and mixed.sha256 == ident[1]
+    assert load_model(ident[0]).sha256 == ident[1]  # what a worker loads back from the job's record
+    expected = (predict_proba(load_model("a").net, faces, tta="flip", amp=mixed.precision == "bf16")
+                + predict_proba(load_model(str(loose)).net, faces, tta="flip", amp=mixed.precision == "bf16")) / 2
+    assert torch.allclose(mixed.predict_proba(faces), expected, atol=1e-5)
+
+    plus = tmp_path / "a+b.safetensors"  # a file whose own name holds a "+" is one model
+    save_weights(net, plus, net.cfg)
+    assert load_model(str(plus)).net.cfg.architecture == "small" and model_identity(str(plus))[0] == str(plus.resolve())
+    for bad, msg in (("a+a", "distinct members"), ("a++b", "distinct members"), ("a+nosuch", "unknown model 'nosuch'")):
+        with pytest.raises(FervidError, match=msg):
+            load_model(bad)
+        with pytest.raises(FervidError, match=msg):
+            model_identity(bad)
+
+
 def test_registering_a_bad_ensemble_says_why(shipped):
     with pytest.raises(FervidError, match="'nosuch' is not a shipped weights file"):
         register_ensemble("duo", ["a", "nosuch"])

@@ -43,7 +43,7 @@ def test_existing_run_needs_resume(fer_npz, tmp_path):
 
 def _train_args(fer_npz, out, extra=()):
     return ["train", "--arch", "small", "--data", str(fer_npz), "--out", str(out),
-            "--epochs", "3", "--limit", "1500", "--batch-size", "64", *extra]  # fmt: skip
+            "--epochs", "3", "--limit", "512", "--batch-size", "64", *extra]  # fmt: skip
 
 
 @pytest.mark.parametrize("extra", [(), ("--soft-targets", "0.5", "--ema", "0.99")], ids=["plain", "soft-ema"])
@@ -168,3 +168,23 @@ def test_distilling_a_teacher_into_a_student(fer_npz, tmp_path):
     assert log.count("256 training faces in ") == 2 and log.count("probabilities of 256 training faces from") == 1
     again = torch.load(out / "teacher_probs.pt", weights_only=True)
     assert again["teacher_sha256"] != saved["teacher_sha256"] and not torch.equal(again["probs"], saved["probs"])
+
+
+def test_a_teacher_named_by_its_members(fer_npz, tmp_path):
+    """`--teacher small+medium`: the flip-averaged pair of shipped models is distilled, registered nowhere."""
+    from fervid.model.config import REFERENCE_PRECISION
+    from fervid.model.loader import model_identity
+    from fervid.training.data import load_fer2013
+
+    out = tmp_path / "student"
+    run_cli("train", "--arch", "small", "--out", str(out), "--data", str(fer_npz), "--epochs", "1", "--limit", "128",
+            "--batch-size", "64", "--distill", "0.6", "--teacher", "small+medium", check=True)  # fmt: skip
+    sha = model_identity("small+medium")[1]
+    assert f"teacher small+medium (sha256 {sha[:12]}): 128 training faces in " in (out / "train.log").read_text()
+    saved = torch.load(out / "teacher_probs.pt", weights_only=True)
+    faces = torch.from_numpy(load_fer2013(str(fer_npz)).split("Training")[0][:128])
+    expected = load_model("small+medium", precision=REFERENCE_PRECISION).predict_proba(faces, batch_size=512)
+    assert saved["teacher_sha256"] == sha and torch.allclose(saved["probs"], expected, atol=1e-5)
+    proc = run_cli("train", "--arch", "small", "--out", str(tmp_path / "x"), "--data", str(fer_npz), "--epochs", "1",
+                   "--limit", "128", "--distill", "0.6", "--teacher", "small+nosuch")  # fmt: skip
+    assert proc.returncode != 0 and "unknown model 'nosuch'" in proc.stderr and "Traceback" not in proc.stderr

@@ -256,6 +256,8 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
     accuracy = {"PublicTest": best_acc}
     if data.has_split("PrivateTest"):
         x_test, y_test = data.split("PrivateTest")
+        if cfg.limit:
+            x_test, y_test = x_test[: cfg.limit], y_test[: cfg.limit]
         accuracy["PrivateTest"] = _accuracy(net, x_test, y_test, amp)
     minutes = (time.time() - t_start) / 60
     weights = out / "model.safetensors"
