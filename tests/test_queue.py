@@ -142,8 +142,9 @@ def test_docker_compose_file_is_valid(tmp_path):
 
 
 def test_submit_options_reach_the_workers(cluster):
-    """--model PATH (the very file, by checksum), --min-face and --threshold are stored on the job and used."""
+    """--model PATH (the very file, by checksum) or A+B, --min-face and --threshold are stored on the job and used."""
     from fervid.checksum import sha256_file
+    from fervid.model.loader import model_identity
     from fervid.model.weights import WEIGHTS_DIR
 
     weights = cluster.media / "mine.safetensors"
@@ -152,9 +153,12 @@ def test_submit_options_reach_the_workers(cluster):
     cluster.start_workers(1)
     a = submitted_ids(cluster.cli("submit", one, "--model", str(weights)))[0]
     b = submitted_ids(cluster.cli("submit", two, "--min-face", "600", "--threshold", "0.95"))[0]
-    jobs = cluster.wait([a, b])
+    duo = submitted_ids(cluster.cli("submit", one, "--model", f"{weights}+medium"))[0]  # an ensemble by its members
+    jobs = cluster.wait([a, b, duo])
     assert jobs[a].status == Status.DONE and jobs[a].model == str(weights.resolve())
     assert jobs[a].model_sha256 == sha256_file(weights) and jobs[a].faces_found == 12
+    assert jobs[duo].status == Status.DONE and jobs[duo].model == f"{weights.resolve()}+medium"
+    assert jobs[duo].model_sha256 == model_identity(f"{weights}+medium")[1] and jobs[duo].faces_found == 12
     assert jobs[b].status == Status.DONE and (jobs[b].min_face, jobs[b].score_threshold) == (600, 0.95)
     assert jobs[b].frames_analyzed == 16 and jobs[b].faces_found == 0  # no face is 600 px in a 512 px video
     # Weights that change after the submit are not used in their place: the job fails and says why.
