@@ -96,6 +96,8 @@ def model_identity(name_or_path: str) -> tuple[str, str]:
     members = adhoc_members(name_or_path)
     if members:
         ids = dict(model_identity(m) for m in members)
+        if len(ids) != len(members):  # two spellings of one file
+            raise FervidError(f"model {name_or_path!r}: an ensemble names distinct members as a+b+c")
         return "+".join(ids), ensemble_sha256(ids, ADHOC_TTA)
     name, path, expected_sha = resolve_weights(name_or_path)
     if not path.is_file():

@@ -129,7 +129,9 @@ def test_an_ensemble_named_by_its_members(shipped, tmp_path):
     plus = tmp_path / "a+b.safetensors"  # a file whose own name holds a "+" is one model
     save_weights(net, plus, net.cfg)
     assert load_model(str(plus)).net.cfg.architecture == "small" and model_identity(str(plus))[0] == str(plus.resolve())
-    for bad, msg in (("a+a", "distinct members"), ("a++b", "distinct members"), ("a+nosuch", "unknown model 'nosuch'")):
+    spelled_twice = f"{loose}+{tmp_path}/../{tmp_path.name}/loose.safetensors"
+    for bad, msg in (("a+a", "distinct members"), ("a++b", "distinct members"), (spelled_twice, "distinct members"),
+                     ("a+nosuch", "unknown model 'nosuch'")):  # fmt: skip
         with pytest.raises(FervidError, match=msg):
             load_model(bad)
         with pytest.raises(FervidError, match=msg):
