@@ -119,9 +119,8 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: 
     ensemble = weights.shipped_ensemble(name_or_path)
     members = None if ensemble else adhoc_members(name_or_path)
     if ensemble or members:
-        if members:
-            ensemble = (members, ADHOC_TTA, model_identity(name_or_path)[1])
-        clf = _load_ensemble(name_or_path, *ensemble, device=device, optimize=optimize)
+        spec = ensemble or (members, ADHOC_TTA, None)  # named by its members: nothing registered to check against
+        clf = _load_ensemble(name_or_path, *spec, device=device, optimize=optimize)
         clf.precision = resolved
         return clf
     name, path, expected_sha = resolve_weights(name_or_path)
@@ -145,14 +144,17 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: 
     return EmotionClassifier(name=name, net=net, meta=meta, path=path, sha256=sha, precision=resolved)
 
 
-def _load_ensemble(name: str, members: list[str], tta: str, expected_sha: str, device: str | torch.device,
+def _load_ensemble(name: str, members: list[str], tta: str, expected_sha: str | None, device: str | torch.device,
                    optimize: bool) -> EmotionClassifier:  # fmt: skip
     loaded = [load_model(m, device=device, optimize=optimize) for m in members]
-    # A member is identified as a job records it: a shipped name, or its weights file's absolute path.
-    sha = ensemble_sha256({model_identity(m)[0]: c.sha256 for m, c in zip(members, loaded, strict=True)}, tta)
-    if sha != expected_sha and adhoc_members(name):
-        raise FervidError(f"model {name!r}: a member's weights changed while it was being loaded")
-    if sha != expected_sha:
+    # Each member as model_identity records it (a shipped name, or its weights file's absolute path), from what
+    # was loaded: a loose file is read and hashed once.
+    shipped = weights.read_manifest()
+    ids = {m if m in shipped else str(c.path.resolve()): c.sha256 for m, c in zip(members, loaded, strict=True)}
+    if len(ids) != len(members):  # two spellings of one file
+        raise FervidError(f"model {name!r}: an ensemble names distinct members as a+b+c")
+    sha = ensemble_sha256(ids, tta)
+    if expected_sha is not None and sha != expected_sha:
         raise FervidError(
             f"model {name!r}: the weights of its members ({', '.join(members)}) changed since the ensemble was "
             "registered; register it again (fervid.model.weights.register_ensemble) and measure it again"
