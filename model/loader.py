@@ -86,6 +86,14 @@ def adhoc_members(name_or_path: str) -> list[str] | None:
     return members
 
 
+def _distinct_ids(name: str, identities: list[tuple[str, str]]) -> dict[str, str]:
+    """{member identity: sha256} of an ensemble, refusing one weights file named twice (two spellings of a path)."""
+    ids = dict(identities)
+    if len(ids) != len(identities):
+        raise FervidError(f"model {name!r}: an ensemble names distinct members as a+b+c")
+    return ids
+
+
 def model_identity(name_or_path: str) -> tuple[str, str]:
     """What a job records as its model, without loading it: (a shipped name, or the weights file's absolute
     path, which workers then load; the sha256 the loaded model must have). An ensemble named `a+b+c` is
@@ -95,9 +103,7 @@ def model_identity(name_or_path: str) -> tuple[str, str]:
         return name_or_path, ensemble[2]
     members = adhoc_members(name_or_path)
     if members:
-        ids = dict(model_identity(m) for m in members)
-        if len(ids) != len(members):  # two spellings of one file
-            raise FervidError(f"model {name_or_path!r}: an ensemble names distinct members as a+b+c")
+        ids = _distinct_ids(name_or_path, [model_identity(m) for m in members])
         return "+".join(ids), ensemble_sha256(ids, ADHOC_TTA)
     name, path, expected_sha = resolve_weights(name_or_path)
     if not path.is_file():
@@ -150,9 +156,8 @@ def _load_ensemble(name: str, members: list[str], tta: str, expected_sha: str | 
     # Each member as model_identity records it (a shipped name, or its weights file's absolute path), from what
     # was loaded: a loose file is read and hashed once.
     shipped = weights.read_manifest()
-    ids = {m if m in shipped else str(c.path.resolve()): c.sha256 for m, c in zip(members, loaded, strict=True)}
-    if len(ids) != len(members):  # two spellings of one file
-        raise FervidError(f"model {name!r}: an ensemble names distinct members as a+b+c")
+    ids = _distinct_ids(name, [(m if m in shipped else str(c.path.resolve()), c.sha256)
+                               for m, c in zip(members, loaded, strict=True)])  # fmt: skip
     sha = ensemble_sha256(ids, tta)
     if expected_sha is not None and sha != expected_sha:
         raise FervidError(
