@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from fervid.errors import FervidError
-from fervid.model.config import DEFAULT_MODEL, PRECISIONS, REFERENCE_PRECISION
+from fervid.model.config import DEFAULT_MODEL, PRECISIONS, REFERENCE_PRECISION, SCORING_BATCH
 from fervid.worker.settings import SMOOTH_METHODS, TIMELINE_FORMATS, Options, QueuePolicy, default
 
 
@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report accuracy with test-time augmentation")  # fmt: skip
     e.add_argument("--confusion", metavar="PNG", help="write the row-normalised confusion matrix here")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=SCORING_BATCH)
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     e.add_argument("--precision", default=REFERENCE_PRECISION, choices=PRECISIONS,
                    help="fp32 (default: the same figures on every machine), bf16, or auto as analyze runs")  # fmt: skip

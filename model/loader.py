@@ -13,7 +13,7 @@ from fervid.checksum import sha256_file
 from fervid.errors import FervidError
 from fervid.model import weights
 from fervid.model.architectures import EmotionNet
-from fervid.model.config import DEFAULT_MODEL, DEFAULT_PRECISION, ModelConfig
+from fervid.model.config import DEFAULT_MODEL, DEFAULT_PRECISION, SCORING_BATCH, ModelConfig
 from fervid.model.device import resolve_precision
 from fervid.model.ensemble import EnsembleNet, ensemble_sha256
 from fervid.model.predict import predict_proba, preprocess
@@ -56,7 +56,7 @@ class EmotionClassifier:
         """uint8 faces [N, H, W] or [N, 1, H, W] at the model's input size -> normalised float NCHW."""
         return preprocess(faces, self.cfg, self.device)
 
-    def predict_proba(self, faces: torch.Tensor, batch_size: int = 256, tta: str = "none") -> torch.Tensor:
+    def predict_proba(self, faces: torch.Tensor, batch_size: int = SCORING_BATCH, tta: str = "none") -> torch.Tensor:
         """Class probabilities [N, 7] (on the CPU) for uint8 faces at the model's input size."""
         return predict_proba(self.net, faces, batch_size=batch_size, tta=tta, amp=self.precision == "bf16")
 

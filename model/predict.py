@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fervid.model.config import ModelConfig
+from fervid.model.config import SCORING_BATCH, ModelConfig
 
 TTA_MODES = ("none", "flip", "tencrop")
 
@@ -45,7 +45,7 @@ def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def predict_proba(
-    net: nn.Module, images: torch.Tensor, batch_size: int = 512, tta: str = "none", amp: bool = False
+    net: nn.Module, images: torch.Tensor, batch_size: int = SCORING_BATCH, tta: str = "none", amp: bool = False
 ) -> torch.Tensor:
     """Class probabilities [N, C] for uint8 images [N, 48, 48] or [N, 1, 48, 48] (any device)."""
     dev = next(net.parameters()).device

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fervid.model.config import CLASSES
+from fervid.model.config import CLASSES, SCORING_BATCH
 from fervid.model.loader import EmotionClassifier
 from fervid.training.data import FERPLUS_COLUMNS, FERPLUS_TO_FER, load_fer2013
 
@@ -56,7 +56,11 @@ def ferplus_majority_labels(votes: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def evaluate(
-    clf: EmotionClassifier, data_path: str | Path, split: str, tta: tuple[str, ...] = (), batch_size: int = 256
+    clf: EmotionClassifier,
+    data_path: str | Path,
+    split: str,
+    tta: tuple[str, ...] = (),
+    batch_size: int = SCORING_BATCH,
 ) -> dict:
     """The report of `fervid eval --json`: plain single-crop scores, plus accuracy under each TTA mode.
 

@@ -106,7 +106,7 @@ def _teacher_probs(cfg: TrainConfig, images: np.ndarray, device: torch.device, o
             return saved["probs"].to(device)
     t0 = time.time()
     teacher = load_model(cfg.teacher, device=device, precision=REFERENCE_PRECISION)  # same targets on any CPU
-    probs = teacher.predict_proba(torch.from_numpy(images), batch_size=512)
+    probs = teacher.predict_proba(torch.from_numpy(images))
     log.info("teacher %s (sha256 %s): %d training faces in %.0f s", cfg.teacher, teacher.sha256[:12], len(images),
              time.time() - t0)  # fmt: skip
     tmp = cache.with_suffix(".tmp")
