@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,9 +21,7 @@ from fervid.model.config import REFERENCE_PRECISION
 from fervid.model.device import cpu_features, cpu_name
 from fervid.model.loader import load_model
 from fervid.training.data import load_fer2013
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FERVID_SHARED", ROOT.parent / "shared"))
+from scripts import SHARED
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +33,7 @@ from fervid.model.ensemble import ENSEMBLE_TTA
 from fervid.model.loader import load_model
 from fervid.training.data import load_fer2013
 from fervid.training.evaluate import ferplus_majority_labels
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FERVID_SHARED", ROOT.parent / "shared"))
+from scripts import SHARED
 
 
 @dataclass(frozen=True)

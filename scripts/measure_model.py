@@ -29,10 +29,9 @@ from fervid.model.config import DEFAULT_PRECISION, REFERENCE_PRECISION
 from fervid.model.device import cpu_features, cpu_name, resolve_precision
 from fervid.model.loader import load_model
 from fervid.training.evaluate import evaluate, plot_confusion
+from scripts import ROOT, SHARED
 from scripts.bench_models import command_line, faces_per_second
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FERVID_SHARED", ROOT.parent / "shared"))
 SPLITS = ("PublicTest", "PrivateTest")
 TTA = ("flip", "tencrop")
 BATCHES = (32, 1)
