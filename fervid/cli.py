@@ -360,6 +360,9 @@ def _check_precision_env() -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import secrets
+
     import uvicorn
 
     from fervid.server.app import create_app
@@ -369,8 +372,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings.from_env()
     _check_precision_env()
     check_listen(args.host, settings.api_tokens)
-    app = create_app(settings, db=args.db)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    if args.workers < 1:
+        raise FervidError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers == 1:
+        app = create_app(settings, db=args.db)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    if not os.environ.get("FERVID_BROKER_URL"):
+        raise FervidError("--workers above 1 needs the queue (FERVID_BROKER_URL): without it, jobs run inside the "
+                          "server's one process")  # fmt: skip
+    from fervid.worker.store.db import open_database
+
+    # An unreachable or unmigratable database: one error here, not one per worker process.
+    open_database(args.db).kw["bind"].dispose()
+    # The workers are new processes that build the application from the environment: the database goes there,
+    # and one cursor key, so that a page cursor signed by one worker is read by any other.
+    if args.db:
+        os.environ["FERVID_DATABASE_URL"] = args.db
+    if not settings.cursor_secret:
+        os.environ["FERVID_CURSOR_SECRET"] = secrets.token_hex(32)
+    uvicorn.run("fervid.server.app:app_from_env", factory=True, workers=args.workers, host=args.host, port=args.port,
+                log_level=args.log_level)  # fmt: skip
     return 0
 
 
@@ -497,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (not loopback: FERVID_API_TOKENS needed)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--db", help="SQLAlchemy database URL (default: FERVID_DATABASE_URL, else the SQLite file)")
+    sv.add_argument("--workers", type=int, default=1,
+                    help="server processes (each serves on one core; above 1 needs FERVID_BROKER_URL)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=_cmd_serve)
 

@@ -3,10 +3,12 @@ rows of a 1,000,000-row job, 1,000 rows a page. Prints p50/p99 latency and reque
 the Markdown row for BENCHMARKS.md.
 
     .venv/bin/python scripts/bench_api.py [--pg postgresql://postgres@127.0.0.1:5432/test] [--rows 1000000]
-        [--clients 50] [--seconds 60]
+        [--clients 50] [--seconds 60] [--workers 1] [--broker redis://127.0.0.1:6379/15]
 
 It creates a database of its own (dropped at the end), fills it with a synthetic job (PostgreSQL COPY), starts
-`fervid serve` on a free port against it, and runs the clients as threads with keep-alive connections.
+`fervid serve` on a free port against it (`--workers N` server processes; above 1 they are given the queue's
+URL, as `fervid serve` requires; nothing is submitted to it), and runs the clients as threads with keep-alive
+connections.
 """
 
 from __future__ import annotations
@@ -88,6 +90,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(port: int, workers: int, timeout: float = 120) -> None:
+    """Until every server process answers /healthz (the socket accepts before the workers have started)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < workers:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"fervid serve: {len(seen)} of {workers} processes answered in {timeout:.0f} s")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            seen.add(json.loads(conn.getresponse().read())["pid"])
+            conn.close()
+        except OSError:
+            time.sleep(0.2)
+
+
 def client(port: int, job_id: int, stop: float, out: dict[str, list[float]], errors: list[str]) -> None:
     """Alternates a status poll with the next page of the face rows (from the start again after the last)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -121,6 +139,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--workers", type=int, default=1, help="fervid serve --workers")
+    ap.add_argument("--broker", default=os.environ.get("FERVID_BROKER_URL", "redis://127.0.0.1:6379/15"))
     args = ap.parse_args()
 
     import psycopg
@@ -138,14 +158,11 @@ def main() -> int:
         env = {**os.environ, "FERVID_DATABASE_URL": url, "FERVID_API_TOKENS": TOKEN,
                "FERVID_HOME": f"/tmp/{name}", "FERVID_MEDIA_ROOTS": f"/tmp/{name}"}  # fmt: skip
         env.pop("FERVID_BROKER_URL", None)
+        if args.workers > 1:
+            env["FERVID_BROKER_URL"] = args.broker
         proc = subprocess.Popen([sys.executable, "-m", "fervid.cli", "serve", "--port", str(port), "--log-level",
-                                 "warning"], cwd=ROOT, env=env)  # fmt: skip
-        for _ in range(300):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.2)
+                                 "warning", "--workers", str(args.workers)], cwd=ROOT, env=env)  # fmt: skip
+        wait_until_serving(port, args.workers)
         out: dict[str, list[float]] = {"status": [], "page": []}
         errors: list[str] = []
         stop = time.monotonic() + args.seconds
@@ -158,7 +175,8 @@ def main() -> int:
         wall = time.perf_counter() - started
         total = sum(len(v) for v in out.values())
         print(f"{cpu_name()}, {os.cpu_count()} cores, {dt.date.today()}: `{' '.join(['python', *sys.argv])}`")
-        print(f"{args.clients} clients, {wall:.0f} s, {total:,} requests ({total / wall:.0f}/s), {len(errors)} errors")
+        print(f"{args.workers} server processes, {args.clients} clients, {wall:.0f} s, {total:,} requests "
+              f"({total / wall:.0f}/s), {len(errors)} errors")
         for kind, lat in out.items():
             ms = np.array(lat) * 1000
             print(f"  {kind:>6}: n={len(ms):,}  p50 {np.percentile(ms, 50):.1f} ms  p99 {np.percentile(ms, 99):.1f} ms"

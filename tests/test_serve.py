@@ -83,7 +83,8 @@ class Hooks(BaseHTTPRequestHandler):
 
 
 def start_server(tmp: Path, db_url: str | None, extra_env: dict | None = None, host: str = "127.0.0.1",
-                 tokens: str = TOKEN + ",other-token") -> tuple[subprocess.Popen, str]:  # fmt: skip
+                 tokens: str = TOKEN + ",other-token", args: tuple[str, ...] = ()
+                 ) -> tuple[subprocess.Popen, str]:  # fmt: skip
     port = free_port()
     env = {**os.environ, "FERVID_HOME": str(tmp / "home"), "FERVID_MEDIA_ROOTS": str(shared_path("videos")),
            "FERVID_API_TOKENS": tokens, "FERVID_WEBHOOK_SECRET": SECRET, "FERVID_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
@@ -94,7 +95,7 @@ def start_server(tmp: Path, db_url: str | None, extra_env: dict | None = None, h
     if db_url:
         env["FERVID_DATABASE_URL"] = db_url
     env.update(extra_env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "fervid.cli", "serve", "--host", host, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "fervid.cli", "serve", "--host", host, "--port", str(port), *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
 
@@ -118,7 +119,9 @@ def server(request, tmp_path):
     Hooks.received = []
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
     proc, base = start_server(tmp_path, db_url)
-    yield Api(base), f"http://127.0.0.1:{hooks.server_address[1]}/hook", tmp_path / "home" / "uploads"
+    api = Api(base)
+    api.db = db_url or f"sqlite:///{tmp_path / 'home' / 'fervid.db'}"  # the server's database, to check against
+    yield api, f"http://127.0.0.1:{hooks.server_address[1]}/hook", tmp_path / "home" / "uploads"
     proc.terminate()
     try:
         proc.wait(timeout=60)
@@ -226,6 +229,15 @@ def test_every_endpoint_and_error_over_http(server):
     from fervid.worker.store.schema import EMOTIONS
 
     assert set(rows[0]) >= {"time_s", "frame", "track", "x1", "y1", "x2", "y2", *EMOTIONS}
+    # The pages hold what the Python API's timeline holds (read on another path: pandas.read_sql), value by value.
+    from fervid.worker.store.query import timeline
+
+    numbers = ["time_s", "x1", "y1", "x2", "y2", "det_score", *EMOTIONS]
+    expected = timeline(job_id, db=api.db).to_dict("records")
+    assert [(r["frame"], r["face"], r["track"], r["emotion"]) for r in rows] == \
+        [(e["frame"], e["face"], e["track"], e["emotion"]) for e in expected]  # fmt: skip
+    assert [r[c] for r in rows for c in numbers] == pytest.approx([e[c] for e in expected for c in numbers],
+                                                                  abs=1e-6)  # fmt: skip
     assert api.json("GET", f"/v1/jobs/{job_id}/faces?cursor={cursor or 'x.y'}", expect=400)["error"] == "bad_cursor"
     status, headers, raw = api.call("GET", f"/v1/jobs/{job_id}/faces?format=csv")
     assert status == 200 and headers["content-type"].startswith("text/csv") and "attachment" in headers[
@@ -321,14 +333,27 @@ def test_without_tokens_loopback_is_open(tmp_path):
         proc.wait(timeout=60)
 
 
+def test_several_server_processes_need_the_queue(tmp_path):
+    env = {**os.environ, "FERVID_HOME": str(tmp_path), "FERVID_API_TOKENS": TOKEN}
+    env.pop("FERVID_BROKER_URL", None)
+    cmd = [sys.executable, "-m", "fervid.cli", "serve", "--port", str(free_port()), "--workers", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("fervid: error: --workers above 1 needs the queue (FERVID_BROKER_URL): without "
+                                   "it, jobs run inside the server's one process")  # fmt: skip
+
+
 @pytest.mark.slow
 def test_with_a_broker_jobs_go_to_the_queue_workers(tmp_path, pg_url):
+    """Two server processes (`--workers 2`, no cursor secret set) in front of a queue worker: every request is
+    answered whichever process takes it, and a page cursor from one process is read by the other."""
     from tests.cluster import Cluster, RedisServer
 
     redis = RedisServer(tmp_path)
     cluster = Cluster(tmp_path, pg_url, redis)
     cluster.start_workers(1)
-    proc, base = start_server(tmp_path, pg_url, extra_env={"FERVID_BROKER_URL": redis.url})
+    env = {"FERVID_BROKER_URL": redis.url}
+    proc, base = start_server(tmp_path, pg_url, extra_env=env, args=("--workers", "2"))
     try:
         api = Api(base)
         assert api.json("GET", "/healthz", token=None)["queue"] == "celery"
@@ -337,6 +362,24 @@ def test_with_a_broker_jobs_go_to_the_queue_workers(tmp_path, pg_url):
         assert job["result"] == "queued"
         done = wait_job(api, job["id"], timeout=240)
         assert done["progress"]["frames_done"] == 5 and done["progress"]["faces"] == 5
+
+        def together(fn, n: int = 24) -> list:  # new connections at once, which the kernel hands to both processes
+            out: list = [None] * n
+            threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn())) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return out
+
+        wait_for(lambda: len({h["pid"] for h in together(lambda: api.json("GET", "/healthz", token=None))}) == 2,
+                 60, "both server processes answer")  # fmt: skip
+        first = api.json("GET", f"/v1/jobs/{job['id']}/faces?limit=2")
+        answers = together(lambda: api.call("GET", f"/v1/jobs/{job['id']}/faces?limit=2&cursor={first['next_cursor']}"))
+        assert [status for status, _, _ in answers] == [200] * len(answers), [raw[:200] for _, _, raw in answers]
+        pages = [json.loads(raw) for _, _, raw in answers]
+        assert all(p == pages[0] for p in pages) and [i["frame"] for i in pages[0]["items"]] == \
+            [i["frame"] for i in api.json("GET", f"/v1/jobs/{job['id']}/faces")["items"]][2:4]  # fmt: skip
         with cluster.sessions() as s:
             from fervid.worker.store.schema import Segment
 

@@ -141,8 +141,8 @@ class ServerSettings:
     webhook_backoff_s: float = 2.0
     webhook_timeout_s: float = 10.0
     webhook_poll_s: float = 1.0  # how often ended jobs with a callback are looked for (any worker may end them)
-    # Cursors are signed so that a client cannot forge one; "": a random key per process (cursors then do not
-    # survive a restart, nor travel between several servers: set it for those).
+    # Cursors are signed so that a client cannot forge one; "": a random key per `fervid serve` (shared by its
+    # --workers processes; cursors then do not survive a restart, nor travel between several servers: set it).
     cursor_secret: str = ""
     max_page: int = 1000  # face rows per page
     embedded_threads: int = 1  # segments run at once in-process when no broker is configured

@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fervid.errors import FervidError, Forbidden, NotFound
@@ -34,7 +35,7 @@ from fervid.server.cursors import BadCursor, Cursors
 from fervid.worker.pipeline.media import check_media_path, media_roots
 from fervid.worker.queue.jobs import as_utc, cancel_job, delete_job, expected_frames, job_progress
 from fervid.worker.settings import SMOOTH_METHODS, Options, ServerSettings, Settings, default
-from fervid.worker.store.db import open_database
+from fervid.worker.store.db import autocommit_sessions, open_database
 from fervid.worker.store.schema import ENDED, IdempotencyKey, Job, Status
 
 log = logging.getLogger("fervid.server")
@@ -105,7 +106,9 @@ def _iso(t: Any) -> str | None:
     return t.isoformat() if t else None
 
 
-def _auth(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+# async, though it awaits nothing: FastAPI runs a plain `def` dependency in its thread pool, one more thread hop
+# on every request; checking a token is quick enough for the event loop.
+async def _auth(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
     return caller(authorization, request.app.state.settings.api_tokens)
 
 
@@ -149,6 +152,12 @@ def video_json(job: Job) -> dict:
             "codec": job.codec}  # fmt: skip
 
 
+def app_from_env() -> FastAPI:
+    """The application as `fervid serve --workers N` builds it in each worker process: everything from the
+    environment (FERVID_DATABASE_URL, FERVID_BROKER_URL, the server settings)."""
+    return create_app()
+
+
 def create_app(settings: ServerSettings | None = None, db: str | None = None, broker: bool | None = None) -> FastAPI:
     """The application. `broker`: submit to the Celery queue (default: when FERVID_BROKER_URL is set); otherwise
     jobs run in this process (fervid.server.runner)."""
@@ -164,6 +173,7 @@ def create_app(settings: ServerSettings | None = None, db: str | None = None, br
     if str(upload_dir) not in roots:
         os.environ["FERVID_MEDIA_ROOTS"] = os.pathsep.join([*roots, str(upload_dir)])
     sessions = open_database(db)
+    reads = autocommit_sessions(sessions)  # the polled reads: a job, a list of jobs, a page of faces
     use_broker = bool(os.environ.get("FERVID_BROKER_URL")) if broker is None else broker
     cursors = Cursors(cfg.cursor_secret)
 
@@ -207,9 +217,8 @@ def create_app(settings: ServerSettings | None = None, db: str | None = None, br
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         return JSONResponse(error_body(code, str(e.detail)), status_code=e.status_code)
 
-    def load_job(job_id: int) -> Job:
-        with sessions() as s:
-            job = s.get(Job, job_id)
+    def load_job(s: Session, job_id: int) -> Job:
+        job = s.get(Job, job_id)
         if job is None:
             raise NotFound(f"no job {job_id} in this database")
         return job
@@ -223,7 +232,7 @@ def create_app(settings: ServerSettings | None = None, db: str | None = None, br
         with sessions() as s:
             s.execute(text("SELECT 1"))
         return {"status": "ok", "database": sessions.kw["bind"].dialect.name,
-                "queue": "celery" if use_broker else "embedded"}  # fmt: skip
+                "queue": "celery" if use_broker else "embedded", "pid": os.getpid()}  # fmt: skip
 
     @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
     def metrics(_who: Caller) -> PlainTextResponse:
@@ -359,7 +368,7 @@ def create_app(settings: ServerSettings | None = None, db: str | None = None, br
 
         scope = {"list": "jobs", "status": status, "tag": tag}
         before = cursors.load(cursor, scope)[0] if cursor else None
-        with sessions() as s:
+        with reads() as s:
             jobs = query_jobs(s, status, tag, limit + 1, before)
             page = jobs[:limit]
             progress = job_progress(s, [j.id for j in page])
@@ -368,8 +377,8 @@ def create_app(settings: ServerSettings | None = None, db: str | None = None, br
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     def get_job(job_id: int, _who: Caller) -> dict:
-        job = load_job(job_id)
-        with sessions() as s:
+        with reads() as s:
+            job = load_job(s, job_id)
             progress = job_progress(s, [job_id])
         return job_json(job, progress.get(job_id))
 
@@ -389,9 +398,9 @@ def create_app(settings: ServerSettings | None = None, db: str | None = None, br
         from fervid.worker.store.query import face_page, get_job, iter_face_pages
 
         selection = {"track": track, "start_s": from_, "end_s": to, "smooth_s": smooth, "smooth_method": smooth_method}
-        with sessions() as s:
-            job = get_job(s, job_id)  # unknown: 404; failed: 400 with its reason
         if format != "json":
+            with sessions() as s:
+                get_job(s, job_id)  # unknown: 404; failed: 400 with its reason
             first = iter_face_pages(sessions, job_id, **selection)
             probe = next(first)  # errors (an unknown track) answer before the download starts
             pages = _chain(probe, first)
@@ -402,8 +411,9 @@ def create_app(settings: ServerSettings | None = None, db: str | None = None, br
                                      headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
         limit = min(limit, cfg.max_page)
         scope = {"list": "faces", "job": job_id, **selection}
-        after = tuple(cursors.load(cursor, scope)) if cursor else None
-        with sessions() as s:
+        with reads() as s:  # one session: one pooled connection for the job and its page
+            job = get_job(s, job_id)  # unknown: 404; failed: 400 with its reason
+            after = tuple(cursors.load(cursor, scope)) if cursor else None
             df, last = face_page(s, job_id, after=after, limit=limit, **selection)
         nxt = cursors.dump(scope, list(last)) if last else None
         # Built as text: pandas writes a page of rows as JSON far faster than a dict per row would be.
@@ -445,7 +455,8 @@ def create_app(settings: ServerSettings | None = None, db: str | None = None, br
 
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
     def cancel(job_id: int, _who: Caller) -> JSONResponse:
-        before = load_job(job_id).status
+        with sessions() as s:
+            before = load_job(s, job_id).status
         if runner:
             runner.cancelled.add(job_id)
         status = cancel_job(sessions, job_id)

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import bindparam, case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -793,13 +793,18 @@ def expected_frames(job: Job) -> int | None:
     return (math.ceil(span * job.sample_fps - 1e-9) if job.sample_fps else job.frame_count) or None
 
 
+# Built once: the HTTP API asks it on every status poll, and building a statement costs more than running it.
+_PROGRESS = (
+    select(Segment.job_id, func.count(), func.sum(case((Segment.status == Status.DONE, 1), else_=0)),
+           func.sum(Segment.frames), func.sum(Segment.faces))
+    .where(Segment.job_id.in_(bindparam("job_ids", expanding=True))).group_by(Segment.job_id)
+)  # fmt: skip
+
+
 def job_progress(session: Session, job_ids: list[int]) -> dict[int, dict]:
     """Progress of many jobs in one query: segments done of total, frames and faces so far (the segments'
     counts, which running segments' leases keep current)."""
     if not job_ids:
         return {}
-    done = func.sum(case((Segment.status == Status.DONE, 1), else_=0))
-    q = (select(Segment.job_id, func.count(), done, func.sum(Segment.frames), func.sum(Segment.faces))
-         .where(Segment.job_id.in_(job_ids)).group_by(Segment.job_id))  # fmt: skip
     return {j: {"segments": n, "segments_done": int(d or 0), "frames": int(f or 0), "faces": int(fc or 0)}
-            for j, n, d, f, fc in session.execute(q)}  # fmt: skip
+            for j, n, d, f, fc in session.execute(_PROGRESS, {"job_ids": list(job_ids)})}  # fmt: skip
