@@ -201,7 +201,7 @@ def open_database(url: str | None = None) -> sessionmaker:
 
 def autocommit_sessions(sessions: sessionmaker) -> sessionmaker:
     """Sessions on the same engine and pool whose statements commit each by itself: for short reads that need no
-    transaction, they save the BEGIN and ROLLBACK round trips (an HTTP API page makes four trips without them)."""
+    transaction, they save a BEGIN and a ROLLBACK round trip to the database each."""
     return sessionmaker(sessions.kw["bind"].execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
 
 

@@ -244,7 +244,7 @@ def _face_select(job_id: int, track: int | None, start_s: float | None, end_s: f
 
 def _face_frame(job_id: int, rows: list) -> pd.DataFrame:
     """Face rows of _face_select as a timeline's DataFrame, built column by column from typed arrays: pandas
-    inspecting row objects (or Python floats one by one) was most of a page's time."""
+    inspecting row objects one by one took a large share of an HTTP API page's time."""
     frame, time_ms, face, track, *boxes_probs, emotion = list(zip(*rows, strict=True)) or [()] * len(_FACE_COLUMNS)
     floats = ["x1", "y1", "x2", "y2", "det_score", *EMOTIONS]
     return pd.DataFrame({
