@@ -3,7 +3,7 @@ rows of a 1,000,000-row job, 1,000 rows a page. Prints p50/p99 latency and reque
 the Markdown row for BENCHMARKS.md.
 
     .venv/bin/python scripts/bench_api.py [--pg postgresql://postgres@127.0.0.1:5432/test] [--rows 1000000]
-        [--clients 50] [--seconds 60] [--workers 1] [--broker redis://127.0.0.1:6379/15]
+        [--clients 50] [--seconds 60] [--workers 1] [--broker redis://127.0.0.1:6379/15] [--download csv parquet]
 
 It creates a database of its own (dropped at the end), fills it with a synthetic job (PostgreSQL COPY), starts
 `fervid serve` on a free port against it (`--workers N` server processes; above 1 they are given the queue's
@@ -106,6 +106,18 @@ def wait_until_serving(port: int, workers: int, timeout: float = 120) -> None:
             time.sleep(0.2)
 
 
+def download(port: int, job_id: int, fmt: str) -> tuple[int, int]:
+    """The whole job as one `?format=csv|parquet` download, after the clients have stopped: its bytes and rows."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("GET", f"/v1/jobs/{job_id}/faces?format={fmt}", headers={"Authorization": f"Bearer {TOKEN}"})
+    body = conn.getresponse().read()
+    if fmt == "csv":
+        return len(body), body.count(b"\n") - 1
+    import pyarrow.parquet as pq
+
+    return len(body), pq.ParquetFile(io.BytesIO(body)).metadata.num_rows
+
+
 def client(port: int, job_id: int, stop: float, out: dict[str, list[float]], errors: list[str]) -> None:
     """Alternates a status poll with the next page of the face rows (from the start again after the last)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -140,6 +152,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--workers", type=int, default=1, help="fervid serve --workers")
+    ap.add_argument("--download", nargs="*", default=[], choices=["csv", "parquet"],
+                    help="then time one whole-job download in each of these formats")
     ap.add_argument("--broker", default=os.environ.get("FERVID_BROKER_URL", "redis://127.0.0.1:6379/15"))
     args = ap.parse_args()
 
@@ -160,8 +174,9 @@ def main() -> int:
         env.pop("FERVID_BROKER_URL", None)
         if args.workers > 1:
             env["FERVID_BROKER_URL"] = args.broker
+        workers = ["--workers", str(args.workers)] if args.workers > 1 else []
         proc = subprocess.Popen([sys.executable, "-m", "fervid.cli", "serve", "--port", str(port), "--log-level",
-                                 "warning", "--workers", str(args.workers)], cwd=ROOT, env=env)  # fmt: skip
+                                 "warning", *workers], cwd=ROOT, env=env)  # fmt: skip
         wait_until_serving(port, args.workers)
         out: dict[str, list[float]] = {"status": [], "page": []}
         errors: list[str] = []
@@ -181,6 +196,14 @@ def main() -> int:
             ms = np.array(lat) * 1000
             print(f"  {kind:>6}: n={len(ms):,}  p50 {np.percentile(ms, 50):.1f} ms  p99 {np.percentile(ms, 99):.1f} ms"
                   f"  {len(ms) / wall:.0f} req/s")  # fmt: skip
+        for fmt in args.download:
+            t = time.perf_counter()
+            size, rows = download(port, job_id, fmt)
+            took = time.perf_counter() - t
+            print(f"  download format={fmt}: {rows:,} rows, {size / 2**20:.0f} MiB in {took:.1f} s "
+                  f"({rows / took:,.0f} rows/s)")  # fmt: skip
+            if rows != args.rows:
+                errors.append(f"the {fmt} download held {rows:,} rows, not {args.rows:,}")
         if errors:
             print("errors, first:", errors[0])
         return 1 if errors else 0
