@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -95,13 +96,17 @@ def start_server(tmp: Path, db_url: str | None, extra_env: dict | None = None, h
     if db_url:
         env["FERVID_DATABASE_URL"] = db_url
     env.update(extra_env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "fervid.cli", "serve", "--host", host, "--port", str(port), *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    # Its log goes to a file: a pipe that nobody reads fills up after a thousand or so access-log lines, and the
+    # server then blocks on its next line.
+    log = tmp / f"serve-{port}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fervid.cli", "serve", "--host", host, "--port", str(port),
+                                 *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
         if proc.poll() is not None:
-            pytest.fail(f"fervid serve exited ({proc.returncode}):\n{proc.stdout.read()}")
+            pytest.fail(f"fervid serve exited ({proc.returncode}):\n{log.read_text()}")
         try:
             with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
                 return r.status == 200
@@ -372,14 +377,24 @@ def test_with_a_broker_jobs_go_to_the_queue_workers(tmp_path, pg_url):
                 t.join()
             return out
 
-        wait_for(lambda: len({h["pid"] for h in together(lambda: api.json("GET", "/healthz", token=None))}) == 2,
-                 60, "both server processes answer")  # fmt: skip
+        def two_serving(without: int = 0) -> set[int] | None:
+            pids = {h["pid"] for h in together(lambda: api.json("GET", "/healthz", token=None))}
+            return pids if len(pids) == 2 and without not in pids else None
+
+        serving = wait_for(two_serving, 60, "both server processes answer")
         first = api.json("GET", f"/v1/jobs/{job['id']}/faces?limit=2")
         answers = together(lambda: api.call("GET", f"/v1/jobs/{job['id']}/faces?limit=2&cursor={first['next_cursor']}"))
         assert [status for status, _, _ in answers] == [200] * len(answers), [raw[:200] for _, _, raw in answers]
         pages = [json.loads(raw) for _, _, raw in answers]
         assert all(p == pages[0] for p in pages) and [i["frame"] for i in pages[0]["items"]] == \
             [i["frame"] for i in api.json("GET", f"/v1/jobs/{job['id']}/faces")["items"]][2:4]  # fmt: skip
+
+        # A server process killed: the other one answers meanwhile, and a new one takes the dead one's place.
+        victim = min(serving)
+        os.kill(victim, signal.SIGKILL)
+        assert [api.call("GET", f"/v1/jobs/{job['id']}")[0] for _ in range(10)] == [200] * 10
+        wait_for(lambda: two_serving(without=victim), 120, "a new server process in place of the killed one")
+        assert proc.poll() is None
         with cluster.sessions() as s:
             from fervid.worker.store.schema import Segment
 
