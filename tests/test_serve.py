@@ -351,7 +351,8 @@ def test_several_server_processes_need_the_queue(tmp_path):
 @pytest.mark.slow
 def test_with_a_broker_jobs_go_to_the_queue_workers(tmp_path, pg_url):
     """Two server processes (`--workers 2`, no cursor secret set) in front of a queue worker: every request is
-    answered whichever process takes it, and a page cursor from one process is read by the other."""
+    answered whichever process takes it, a page cursor from one process is read by the other, and a killed
+    process is replaced while the other answers."""
     from tests.cluster import Cluster, RedisServer
 
     redis = RedisServer(tmp_path)
