@@ -24,6 +24,13 @@ REFERENCE_PRECISION = "fp32"
 # run about 30% faster than 256 or 512 (they stay in cache) and give the same float32 outputs (BENCHMARKS.md).
 SCORING_BATCH = 64
 
+# Test-time augmentation: the face; with "flip" its mirror image too; with "tencrop" five shifted windows and their
+# mirror images (model.predict.tta_views).
+TTA_MODES = ("none", "flip", "tencrop")
+
+# The face detector a job records beside its emotion model (RetinaFace-mobilenet0.25, model.retinaface).
+DETECTOR = "retinaface-mnet0.25"
+
 # FER2013 label order.
 CLASSES: tuple[str, ...] = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
 
@@ -52,4 +59,3 @@ class ModelConfig:
             std=float(d["std"]),
             classes=tuple(d["classes"]),
         )
-

@@ -6,15 +6,12 @@ name (`analyze`, `submit`, `eval`, the API) takes an ensemble's name too.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
 from torch import nn
 
 from fervid.model.architectures import EmotionNet
-from fervid.model.config import ModelConfig
-from fervid.model.predict import TTA_MODES, tta_views
+from fervid.model.config import TTA_MODES, ModelConfig
+from fervid.model.predict import tta_views
 
 ENSEMBLE_TTA = TTA_MODES
 
@@ -47,8 +44,3 @@ class EnsembleNet(EmotionNet):
         probs = sum(m(v).float().softmax(1) for m in self.members for v in views)
         return (probs / (len(self.members) * len(views))).clamp_min(1e-12).log()
 
-
-def ensemble_sha256(members: dict[str, str], tta: str) -> str:
-    """What identifies an ensemble: its members' names and weights checksums, in order, and its TTA."""
-    blob = json.dumps({"members": list(members.items()), "tta": tta})
-    return hashlib.sha256(blob.encode()).hexdigest()

@@ -15,12 +15,11 @@ from fervid.model import weights
 from fervid.model.architectures import EmotionNet
 from fervid.model.config import DEFAULT_MODEL, DEFAULT_PRECISION, SCORING_BATCH, ModelConfig
 from fervid.model.device import resolve_precision
-from fervid.model.ensemble import EnsembleNet, ensemble_sha256
-from fervid.model.predict import predict_proba, preprocess
+from fervid.model.ensemble import EnsembleNet
+from fervid.model.names import ADHOC_TTA, adhoc_members, distinct_ids, resolve_weights
+from fervid.model.predict import predict_proba, predict_proba_modes, preprocess
 from fervid.model.registry import ARCHITECTURES, count_parameters, create_model
-from fervid.model.weights import load_state_dict_into, read_metadata
-
-ADHOC_TTA = "flip"  # what an ensemble named by its members (`a+b+c`) averages over, as shipped ensembles mostly do
+from fervid.model.weights import ensemble_sha256, load_state_dict_into, read_metadata
 
 
 @dataclass
@@ -60,57 +59,10 @@ class EmotionClassifier:
         """Class probabilities [N, 7] (on the CPU) for uint8 faces at the model's input size."""
         return predict_proba(self.net, faces, batch_size=batch_size, tta=tta, amp=self.precision == "bf16")
 
-
-def resolve_weights(name_or_path: str) -> tuple[str, Path, str | None]:
-    """(name, weights path, expected sha256 or None) for a shipped model name or a weights file path."""
-    shipped = weights.shipped_weights(name_or_path)
-    if shipped:
-        return name_or_path, *shipped
-    path = Path(name_or_path)
-    if path.suffix == ".safetensors" or path.exists():
-        return path.stem, path, None
-    if name_or_path in ARCHITECTURES:
-        raise FervidError(f"model {name_or_path!r} has no trained weights shipped; train it with `fervid train`")
-    known = ", ".join(sorted(weights.read_manifest())) or "none"
-    raise FervidError(f"unknown model {name_or_path!r} (shipped: {known}; or a .safetensors path; or a+b+c)")
-
-
-def adhoc_members(name_or_path: str) -> list[str] | None:
-    """The members of an ensemble named by them, `a+b+c` (shipped names or weights paths, averaged with
-    ADHOC_TTA), or None for a single model's name or path (a file whose own name holds a `+` stays one model)."""
-    if "+" not in name_or_path or weights.read_manifest().get(name_or_path) or Path(name_or_path).exists():
-        return None
-    members = name_or_path.split("+")
-    if not all(members) or len(set(members)) != len(members):
-        raise FervidError(f"model {name_or_path!r}: an ensemble names distinct members as a+b+c")
-    return members
-
-
-def _distinct_ids(name: str, identities: list[tuple[str, str]]) -> dict[str, str]:
-    """{member identity: sha256} of an ensemble, refusing one weights file named twice (two spellings of a path)."""
-    ids = dict(identities)
-    if len(ids) != len(identities):
-        raise FervidError(f"model {name!r}: an ensemble names distinct members as a+b+c")
-    return ids
-
-
-def model_identity(name_or_path: str) -> tuple[str, str]:
-    """What a job records as its model, without loading it: (a shipped name, or the weights file's absolute
-    path, which workers then load; the sha256 the loaded model must have). An ensemble named `a+b+c` is
-    recorded as its members' identities joined by `+`."""
-    ensemble = weights.shipped_ensemble(name_or_path)
-    if ensemble:
-        return name_or_path, ensemble[2]
-    members = adhoc_members(name_or_path)
-    if members:
-        ids = _distinct_ids(name_or_path, [model_identity(m) for m in members])
-        return "+".join(ids), ensemble_sha256(ids, ADHOC_TTA)
-    name, path, expected_sha = resolve_weights(name_or_path)
-    if not path.is_file():
-        raise FervidError(f"{path}: weights file not found")
-    if expected_sha is not None:
-        return name_or_path, expected_sha
-    return str(path.resolve()), sha256_file(path)
+    def predict_proba_modes(self, faces: torch.Tensor, modes: tuple[str, ...],
+                            batch_size: int = SCORING_BATCH) -> dict[str, torch.Tensor]:  # fmt: skip
+        """{TTA mode: class probabilities [N, 7]}, each view computed once for all the modes."""
+        return predict_proba_modes(self.net, faces, modes, batch_size=batch_size, amp=self.precision == "bf16")
 
 
 def load_model(name_or_path: str, device: str | torch.device = "cpu", optimize: bool = True,
@@ -156,7 +108,7 @@ def _load_ensemble(name: str, members: list[str], tta: str, expected_sha: str | 
     # Each member as model_identity records it (a shipped name, or its weights file's absolute path), from what
     # was loaded: a loose file is read and hashed once.
     shipped = weights.read_manifest()
-    ids = _distinct_ids(name, [(m if m in shipped else str(c.path.resolve()), c.sha256)
+    ids = distinct_ids(name, [(m if m in shipped else str(c.path.resolve()), c.sha256)
                                for m, c in zip(members, loaded, strict=True)])  # fmt: skip
     sha = ensemble_sha256(ids, tta)
     if expected_sha is not None and sha != expected_sha:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from fervid.checksum import sha256_file
 from fervid.errors import FervidError
-from fervid.model.config import ModelConfig
-from fervid.model.ensemble import ENSEMBLE_TTA, ensemble_sha256
+from fervid.model.config import TTA_MODES, ModelConfig
+
+if TYPE_CHECKING:  # the manifest is read where torch is never loaded (`fervid submit`, `fervid status`)
+    from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -33,6 +35,8 @@ def save_weights(net: nn.Module, path: Path, cfg: ModelConfig, **info: object) -
     metadata.update({k: json.dumps(v) for k, v in info.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
+    from safetensors.torch import save_file
+
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
     return sha256_file(path)
@@ -61,6 +65,8 @@ def read_metadata(path: Path) -> dict:
 
 
 def load_state_dict_into(net: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -125,6 +131,12 @@ def register_weights(name: str, path: Path) -> None:
     _write_manifest(path.parent, manifest)
 
 
+def ensemble_sha256(members: dict[str, str], tta: str) -> str:
+    """What identifies an ensemble: its members' names and weights checksums, in order, and its TTA."""
+    blob = json.dumps({"members": list(members.items()), "tta": tta})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def register_ensemble(name: str, members: list[str], tta: str = "flip", weights_dir: Path | None = None) -> str:
     """Record an ensemble of shipped weights under `name` in the manifest; returns its sha256.
 
@@ -140,8 +152,8 @@ def register_ensemble(name: str, members: list[str], tta: str = "flip", weights_
     for m in members:
         if shipped_weights(m, weights_dir) is None:
             raise FervidError(f"ensemble {name!r}: {m!r} is not a shipped weights file (an ensemble holds weights)")
-    if tta not in ENSEMBLE_TTA:
-        raise FervidError(f"ensemble {name!r}: unknown TTA {tta!r} (known: {', '.join(ENSEMBLE_TTA)})")
+    if tta not in TTA_MODES:
+        raise FervidError(f"ensemble {name!r}: unknown TTA {tta!r} (known: {', '.join(TTA_MODES)})")
     sha = ensemble_sha256({m: manifest[m]["sha256"] for m in members}, tta)
     entry: dict = {"members": list(members), "tta": tta, "sha256": sha}
     old_eval = manifest.get(name, {}).get("eval")

@@ -251,7 +251,7 @@ def _face_pool(rng: np.random.Generator, n: int, k: int) -> list[Any]:
 
 def _new_job(sessions: Any, cfg: WriterConfig, seq: int, policy: QueuePolicy) -> int:
     """A queued job of `job_segments` segments, as `submit` records one (its Job row, then `_add_segments`)."""
-    from fervid.worker.pipeline.frames_to_rows import DETECTOR
+    from fervid.model.config import DETECTOR
     from fervid.worker.pipeline.video import VideoInfo
     from fervid.worker.queue.jobs import _add_segments
     from fervid.worker.store.schema import Job, Status

@@ -63,3 +63,25 @@ def test_resnet_halves_the_resolution_per_stage_with_residual_blocks():
     blocks = [s for name, s in shapes if name == "_BasicBlock"]
     assert blocks == [(64, 24, 24), (128, 12, 12), (256, 6, 6), (256, 6, 6)]
     assert net.cfg.architecture == "resnet" and net.cfg.input_size == (1, 48, 48)
+
+
+def test_every_tta_mode_at_once_gives_each_modes_own_numbers_in_ten_passes():
+    """`fervid eval --tta all` reports none, flip and tencrop from the ten views of tencrop (the face itself and
+    its mirror are two of them): each mode's probabilities are the mean over its own views, as computed alone."""
+    from fervid.model.loader import load_model
+    from fervid.model.predict import predict_proba_modes, preprocess, tta_views
+
+    torch.manual_seed(0)
+    net = load_model("small").net
+    faces = torch.randint(0, 256, (24, 48, 48), dtype=torch.uint8)
+    passes = []
+    net.register_forward_pre_hook(lambda m, i: passes.append(len(i[0])))
+    got = predict_proba_modes(net, faces, ("none", "flip", "tencrop"), batch_size=24)
+    assert passes == [24] * 10
+    with torch.inference_mode():
+        for mode, n_views in (("none", 1), ("flip", 2), ("tencrop", 10)):
+            views = tta_views(preprocess(faces, net.cfg), mode)
+            assert len(views) == n_views
+            want = sum(net(v.contiguous(memory_format=torch.channels_last)).softmax(1) for v in views) / n_views
+            assert torch.allclose(got[mode], want, atol=1e-6), mode
+    assert not torch.allclose(got["flip"], got["none"], atol=1e-3)  # the views differ: each mode is its own

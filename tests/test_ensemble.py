@@ -15,7 +15,8 @@ from conftest import ROOT, run_cli, shared_path
 from fervid.errors import FervidError
 from fervid.model import weights
 from fervid.model.ensemble import EnsembleNet
-from fervid.model.loader import list_models, load_model, model_identity, optimize_for_inference
+from fervid.model.loader import list_models, load_model, optimize_for_inference
+from fervid.model.names import model_identity
 from fervid.model.predict import predict_proba
 from fervid.model.registry import create_model
 from fervid.model.weights import register_ensemble, register_weights, save_weights

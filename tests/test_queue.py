@@ -47,6 +47,14 @@ def test_submit_wait_and_status(cluster):
     assert row_counts(cluster.sessions, ids[0]) == (12, 12)  # 2.4 s at 5 fps, one face each
     again = cluster.cli("submit", videos[0])
     assert f"already submitted as job {ids[0]}" in again.stdout
+    # Submitting (the video probed, the model resolved) and watching never load torch: the models are the
+    # workers' business, and these commands start in under a second.
+    script = (f"import sys; from fervid.cli import main; codes = [main(['submit', {videos[1]!r}]), main(['status'])]; "
+              "print(codes, 'torch' in sys.modules)")  # fmt: skip
+    probe = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env=cluster.env | {"FERVID_DATABASE_URL": cluster.pg_url})  # fmt: skip
+    assert f"already submitted as job {ids[1]}" in probe.stdout, probe.stdout + probe.stderr
+    assert probe.stdout.rstrip().endswith("[0, 0] False"), probe.stdout + probe.stderr
 
 
 def test_long_video_in_segments_matches_one_process(cluster, tmp_path):
@@ -144,7 +152,7 @@ def test_docker_compose_file_is_valid(tmp_path):
 def test_submit_options_reach_the_workers(cluster):
     """--model PATH (the very file, by checksum) or A+B, --min-face and --threshold are stored on the job and used."""
     from fervid.checksum import sha256_file
-    from fervid.model.loader import model_identity
+    from fervid.model.names import model_identity
     from fervid.model.weights import WEIGHTS_DIR
 
     weights = cluster.media / "mine.safetensors"

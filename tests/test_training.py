@@ -173,7 +173,7 @@ def test_distilling_a_teacher_into_a_student(fer_npz, tmp_path):
 def test_a_teacher_named_by_its_members(fer_npz, tmp_path):
     """`--teacher small+medium`: the flip-averaged pair of shipped models is distilled, registered nowhere."""
     from fervid.model.config import REFERENCE_PRECISION
-    from fervid.model.loader import model_identity
+    from fervid.model.names import model_identity
     from fervid.training.data import load_fer2013
 
     out = tmp_path / "student"

@@ -72,8 +72,9 @@ def evaluate(
     mask = data.split_mask(split)
     images, labels = data.images[mask], data.labels[mask]
     faces = torch.from_numpy(images)
-    pred = clf.predict_proba(faces, batch_size=batch_size).argmax(1).numpy()
-    tta_pred = {mode: clf.predict_proba(faces, batch_size, tta=mode).argmax(1).numpy() for mode in tta}
+    probs = clf.predict_proba_modes(faces, ("none", *tta), batch_size)
+    pred = probs.pop("none").argmax(1).numpy()
+    tta_pred = {mode: p.argmax(1).numpy() for mode, p in probs.items()}
     n_cls = len(clf.classes)
     cm = confusion_matrix(labels, pred, n_cls)
     report = {

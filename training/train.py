@@ -93,7 +93,8 @@ def _teacher_probs(cfg: TrainConfig, images: np.ndarray, device: torch.device, o
     """
     if not cfg.teacher:
         raise FervidError("--distill needs --teacher (a shipped model name or a .safetensors path)")
-    from fervid.model.loader import load_model, model_identity  # the loader only where a teacher is used
+    from fervid.model.loader import load_model  # the loader only where a teacher is used
+    from fervid.model.names import model_identity
 
     key = {"teacher_sha256": model_identity(cfg.teacher)[1],
            "images_sha256": hashlib.sha256(np.ascontiguousarray(images)).hexdigest()}

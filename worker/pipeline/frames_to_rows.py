@@ -17,15 +17,15 @@ import numpy as np
 import torch
 
 from fervid.errors import FervidError
-from fervid.model.config import CLASSES
+from fervid.model.config import CLASSES, DETECTOR
 from fervid.model.device import resolve_device
-from fervid.model.loader import load_model, model_identity
+from fervid.model.loader import load_model
+from fervid.model.names import model_identity
 from fervid.model.retinaface import Detections, load_retinaface
 from fervid.worker.pipeline.crops import align_faces
 from fervid.worker.pipeline.video import DecodeState, FrameBatches, VideoInfo
 from fervid.worker.settings import Options, Settings
 
-DETECTOR = "retinaface-mnet0.25"
 DEFAULT_SETTINGS = Settings()
 
 

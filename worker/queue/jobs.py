@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -38,8 +39,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fervid.checksum import sha256_file
 from fervid.errors import FervidError, NotFound
-from fervid.model.loader import model_identity
-from fervid.worker.pipeline.frames_to_rows import DETECTOR, Analyzer, SegmentRows, StageTimes, iter_batches
+from fervid.model.config import DETECTOR
+from fervid.model.names import model_identity
 from fervid.worker.pipeline.media import check_media_path, media_roots
 from fervid.worker.pipeline.video import VideoInfo, probe
 from fervid.worker.settings import Options, QueuePolicy, Settings, validate_segment_s
@@ -47,6 +48,9 @@ from fervid.worker.store.db import DatabaseUnavailable, is_transient, with_db_re
 from fervid.worker.store.rows import assign_tracks, replace_range
 from fervid.worker.store.schema import ACTIVE, ENDED, Face, Frame, Job, Segment, Status
 from fervid.worker.store.stream import RowStream, StreamFailed, can_stream
+
+if TYPE_CHECKING:  # the pipeline loads torch: only a worker running a segment needs it, not `submit` or `status`
+    from fervid.worker.pipeline.frames_to_rows import Analyzer, SegmentRows, StageTimes
 
 log = logging.getLogger("fervid.jobs")
 
@@ -573,7 +577,7 @@ def release_segment(sessions: sessionmaker, claim: Claim, policy: QueuePolicy) -
     return with_db_retry(txn, policy, f"handing back segment {claim.idx} of job {claim.job_id}")
 
 
-AnalyzerFor = Callable[[str, str], Analyzer]
+AnalyzerFor = Callable[[str, str], "Analyzer"]
 
 
 def run_segment(
@@ -594,6 +598,8 @@ def run_segment(
     `should_stop`: checked between batches; when it turns true the segment is handed back and `requeue`d.
     Returns the Outcome. Raises DatabaseUnavailable when the database
     stayed away for the whole retry policy."""
+    from fervid.worker.pipeline.frames_to_rows import SegmentRows, StageTimes, iter_batches
+
     claim = claim_segment(sessions, job_id, idx, run, policy)
     if isinstance(claim, str):
         return claim
