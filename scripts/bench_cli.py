@@ -1,0 +1,62 @@
+"""Wall time of `fervid` commands as a user runs them (a new process each time): the median of --runs.
+
+    python -m scripts.bench_cli [--runs 5] [--data ../shared/data/fer2013/fer2013.npz]
+
+Prints a table with the CPU it ran on. To compare with an earlier commit, check that commit out and run a copy of
+this script (the editable install runs whatever the checkout holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(ln.split(":", 1) for ln in info.splitlines() if ":" in ln)
+    name = fields.get("model name\t", "unknown").strip()
+    flags = fields.get("flags\t\t", "").split()
+    family, model = fields.get("cpu family\t", "?").strip(), fields.get("model\t\t", "?").strip()
+    extra = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name} (family {family} model {model}; {', '.join(extra) or 'no AMX / AVX-512 BF16'})"
+
+
+def timed(cmd: list[str], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=5, help="runs of each quick command (the evaluations run once)")
+    p.add_argument("--data", default="../shared/data/fer2013/fer2013.npz")
+    args = p.parse_args()
+    fervid = [sys.executable, "-m", "fervid.cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        db = f"sqlite:///{tmp}/bench.db"
+        subprocess.run([*fervid, "status", "--db", db], check=True, capture_output=True)  # the file, created once
+        evals = [*fervid, "eval", "--data", args.data, "--split", "PrivateTest", "--json"]
+        rows = [
+            ("fervid status (an empty SQLite file)", timed([*fervid, "status", "--db", db], args.runs), args.runs),
+            ("fervid eval --model small --tta all", timed([*evals, "--model", "small", "--tta", "all"], 1), 1),
+            ("fervid eval --model medium-distilled --tta flip",
+             timed([*evals, "--model", "medium-distilled", "--tta", "flip"], 1), 1),
+        ]  # fmt: skip
+    print(f"CPU: {cpu_name()}")
+    print(f"{'command':<50} {'runs':>4} {'median s':>9}")
+    for name, seconds, runs in rows:
+        print(f"{name:<50} {runs:>4} {seconds:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
