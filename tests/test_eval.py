@@ -121,9 +121,9 @@ class _PixelModel:
     name, sha256, classes, cfg = "stub", "0" * 64, CLASSES, SimpleNamespace(architecture="stub")
     precision = "fp32"
 
-    def predict_proba(self, faces: torch.Tensor, batch_size: int = 256, tta: str = "none") -> torch.Tensor:
-        cls = faces[:, 0, 0].long() + (1 if tta == "flip" else 0)
-        return torch.nn.functional.one_hot(cls % 7, 7).float()
+    def predict_proba_modes(self, faces: torch.Tensor, modes: tuple[str, ...], batch_size: int = 256) -> dict:
+        cls = faces[:, 0, 0].long()
+        return {m: torch.nn.functional.one_hot((cls + (1 if m == "flip" else 0)) % 7, 7).float() for m in modes}
 
 
 @pytest.mark.parametrize("with_votes", [True, False])
