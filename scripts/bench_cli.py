@@ -9,22 +9,15 @@ this script (the editable install runs whatever the checkout holds).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = dict(ln.split(":", 1) for ln in info.splitlines() if ":" in ln)
-    name = fields.get("model name\t", "unknown").strip()
-    flags = fields.get("flags\t\t", "").split()
-    family, model = fields.get("cpu family\t", "?").strip(), fields.get("model\t\t", "?").strip()
-    extra = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return f"{name} (family {family} model {model}; {', '.join(extra) or 'no AMX / AVX-512 BF16'})"
+from fervid.model.device import cpu_features, cpu_name
 
 
 def timed(cmd: list[str], runs: int) -> float:
@@ -52,7 +45,8 @@ def main() -> None:
             ("fervid eval --model medium-distilled --tta flip",
              timed([*evals, "--model", "medium-distilled", "--tta", "flip"], 1), 1),
         ]  # fmt: skip
-    print(f"CPU: {cpu_name()}")
+    features = ", ".join(k for k, v in cpu_features().items() if v) or "no AVX-512"
+    print(f"{cpu_name()} ({features}), {os.cpu_count()} cores, {dt.date.today()}: `{' '.join(['python', *sys.argv])}`")
     print(f"{'command':<50} {'runs':>4} {'median s':>9}")
     for name, seconds, runs in rows:
         print(f"{name:<50} {runs:>4} {seconds:>9.2f}")
