@@ -13,8 +13,6 @@ from fervid.model.architectures import EmotionNet
 from fervid.model.config import TTA_MODES, ModelConfig
 from fervid.model.predict import tta_views
 
-ENSEMBLE_TTA = TTA_MODES
-
 
 class EnsembleNet(EmotionNet):
     """The mean of its members' class probabilities over the views of `tta` (model.predict.tta_views: the face; with
@@ -28,8 +26,8 @@ class EnsembleNet(EmotionNet):
     def __init__(self, members: list[EmotionNet], tta: str = "flip") -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
-        if tta not in ENSEMBLE_TTA:
-            raise ValueError(f"unknown ensemble TTA {tta!r} (known: {', '.join(ENSEMBLE_TTA)})")
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown ensemble TTA {tta!r} (known: {', '.join(TTA_MODES)})")
         first = members[0].cfg
         for m in members[1:]:
             c = m.cfg

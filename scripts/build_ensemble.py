@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from fervid.model import weights
-from fervid.model.config import REFERENCE_PRECISION
-from fervid.model.ensemble import ENSEMBLE_TTA
+from fervid.model.config import REFERENCE_PRECISION, TTA_MODES
 from fervid.model.loader import load_model
 from fervid.training.data import load_fer2013
 from fervid.training.evaluate import ferplus_majority_labels
@@ -85,7 +84,7 @@ def rank_subsets(
     ]
 
     def key(c: Candidate) -> tuple:
-        return keeps(c, ferplus_floor), c.fer2013, c.ferplus or 0.0, len(c.members), -ENSEMBLE_TTA.index(c.tta)
+        return keeps(c, ferplus_floor), c.fer2013, c.ferplus or 0.0, len(c.members), -TTA_MODES.index(c.tta)
 
     return sorted(out, key=key, reverse=True)
 
@@ -106,7 +105,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("name", help="the ensemble's model name, e.g. accurate")
     p.add_argument("candidates", nargs="+", help="shipped model names it may hold")
-    p.add_argument("--tta", nargs="+", choices=ENSEMBLE_TTA, default=["flip"],
+    p.add_argument("--tta", nargs="+", choices=TTA_MODES, default=["flip"],
                    help="the TTA modes to choose from (on a tie the one with fewer views: it is faster)")
     p.add_argument("--data", type=Path, default=SHARED / "data" / "fer2013" / "fer2013.npz")
     p.add_argument("--dry-run", action="store_true", help="print the scores; register nothing")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 MAX_COST = 1.5
 MAX_GAP_S = 1.0  # video seconds a track waits for its face to be found again
@@ -58,8 +59,6 @@ class Tracker:
             lm_dist = np.linalg.norm(plms[:, None] - landmarks[None], axis=-1).mean(-1) / size[None, :]
             cost = (1 - _iou(pboxes, boxes)) + lm_dist
             cost[lm_dist > 0.5] = np.inf  # too far to be the same face, whatever the overlap
-            from scipy.optimize import linear_sum_assignment  # 0.35 s to import: not on `fervid status`'s path
-
             rows, cols = linear_sum_assignment(np.where(np.isfinite(cost), cost, 1e6))
             for r, c in zip(rows, cols, strict=True):
                 if cost[r, c] <= MAX_COST:

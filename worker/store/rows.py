@@ -15,7 +15,6 @@ import numpy as np
 from sqlalchemy import delete, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from fervid.worker.pipeline.tracks import MAX_GAP_S, Tracker
 from fervid.worker.store.copy import copy_rows, copy_tracks, supports_copy
 from fervid.worker.store.schema import EMOTIONS, Face, Frame
 
@@ -79,11 +78,13 @@ def replace_range(session: Session, job_id: int, start_s: float, end_s: float | 
         insert_rows(session, rows, job_id)
 
 
-def assign_tracks(session: Session, job_id: int, max_gap_s: float = MAX_GAP_S, chunk: int = 20_000) -> int:
+def assign_tracks(session: Session, job_id: int, max_gap_s: float | None = None, chunk: int = 20_000) -> int:
     """Link all faces of a job into tracks and store each face's track id, in the caller's transaction; returns
     the number of tracks. Faces are read and updated a chunk at a time (keyset pages in frame order), so memory
-    holds one chunk and the live tracks, however long the job."""
-    tracker = Tracker(max_gap_s)
+    holds one chunk and the live tracks, however long the job. `max_gap_s`: the tracker's (tracks.MAX_GAP_S)."""
+    from fervid.worker.pipeline.tracks import MAX_GAP_S, Tracker  # SciPy (0.35 s): once a job ends, not in `status`
+
+    tracker = Tracker(MAX_GAP_S if max_gap_s is None else max_gap_s)
     cols = (Face.frame_index, Face.face, Face.time_ms, Face.x1, Face.y1, Face.x2, Face.y2, Face.landmarks)
     after: tuple[int, int] = (-1, -1)
     pending: list[tuple] = []  # the faces of a frame that may continue on the next page
