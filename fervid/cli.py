@@ -391,8 +391,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         os.environ["FERVID_DATABASE_URL"] = args.db
     if not settings.cursor_secret:
         os.environ["FERVID_CURSOR_SECRET"] = secrets.token_hex(32)
-    uvicorn.run("fervid.server.app:app_from_env", factory=True, workers=args.workers, host=args.host, port=args.port,
-                log_level=args.log_level)  # fmt: skip
+    import contextlib
+    import socket
+
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config("fervid.server.app:app_from_env", factory=True, workers=args.workers, host=args.host,
+                            port=args.port, log_level=args.log_level)  # fmt: skip
+    sock = config.bind_socket()
+    # uvicorn binds this socket with proto 0, and asyncio sets TCP_NODELAY only on connections whose proto is TCP
+    # (uvicorn #3149): every keep-alive response after a connection's first then waited ~40 ms for the client's
+    # delayed ACK. Linux gives each accepted connection the listening socket's TCP_NODELAY.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with contextlib.suppress(KeyboardInterrupt):
+        Multiprocess(config, sockets=[sock]).run()
     return 0
 
 

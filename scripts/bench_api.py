@@ -3,7 +3,8 @@ rows of a 1,000,000-row job, 1,000 rows a page. Prints p50/p99 latency and reque
 the Markdown row for BENCHMARKS.md.
 
     .venv/bin/python scripts/bench_api.py [--pg postgresql://postgres@127.0.0.1:5432/test] [--rows 1000000]
-        [--clients 50] [--seconds 60] [--workers 1] [--broker redis://127.0.0.1:6379/15] [--download csv parquet]
+        [--clients 50] [--seconds 60] [--interval 0] [--workers 1] [--broker redis://127.0.0.1:6379/15]
+        [--download csv parquet]
 
 It creates a database of its own (dropped at the end), fills it with a synthetic job (PostgreSQL COPY), starts
 `fervid serve` on a free port against it (`--workers N` server processes; above 1 they are given the queue's
@@ -118,12 +119,23 @@ def download(port: int, job_id: int, fmt: str) -> tuple[int, int]:
     return len(body), pq.ParquetFile(io.BytesIO(body)).metadata.num_rows
 
 
-def client(port: int, job_id: int, stop: float, out: dict[str, list[float]], errors: list[str]) -> None:
-    """Alternates a status poll with the next page of the face rows (from the start again after the last)."""
+def client(port: int, job_id: int, stop: float, out: dict[str, list[float]], errors: list[str],
+           interval: float = 0.0, offset: float = 0.0) -> None:
+    """Alternates a status poll with the next page of the face rows (from the start again after the last).
+
+    With `interval` 0 it asks again as soon as it is answered (the server's capacity). Above 0 it polls as a client
+    does: one status request and one page every `interval` seconds, the first after `offset`. A round that starts
+    late, because the one before took longer than `interval`, adds its lateness to both its latencies, so a server
+    that falls behind is charged for the wait (no coordinated omission) instead of the client asking less often.
+    """
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     cursor = None
+    due = time.perf_counter() + offset
     while time.monotonic() < stop:
+        if interval:
+            time.sleep(max(0.0, due - time.perf_counter()))
+        late = max(0.0, time.perf_counter() - due) if interval else 0.0  # charged to both requests of the round
         for kind in ("status", "page"):
             if kind == "status":
                 path = f"/v1/jobs/{job_id}"
@@ -134,7 +146,7 @@ def client(port: int, job_id: int, stop: float, out: dict[str, list[float]], err
             conn.request("GET", path, headers=headers)
             resp = conn.getresponse()
             body = resp.read()
-            out[kind].append(time.perf_counter() - t)
+            out[kind].append(time.perf_counter() - t + late)
             if resp.status != 200:
                 errors.append(f"{resp.status} {body[:200]!r}")
                 continue
@@ -143,6 +155,7 @@ def client(port: int, job_id: int, stop: float, out: dict[str, list[float]], err
                 if len(doc["items"]) != 1000 and doc["next_cursor"]:
                     errors.append(f"a page of {len(doc['items'])} rows")
                 cursor = doc["next_cursor"]
+        due += interval
 
 
 def main() -> int:
@@ -151,6 +164,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--interval", type=float, default=0.0,
+                    help="each client polls every INTERVAL s (0: asks again as soon as it is answered)")
     ap.add_argument("--workers", type=int, default=1, help="fervid serve --workers")
     ap.add_argument("--download", nargs="*", default=[], choices=["csv", "parquet"],
                     help="then time one whole-job download in each of these formats")
@@ -181,7 +196,10 @@ def main() -> int:
         out: dict[str, list[float]] = {"status": [], "page": []}
         errors: list[str] = []
         stop = time.monotonic() + args.seconds
-        threads = [threading.Thread(target=client, args=(port, job_id, stop, out, errors)) for _ in range(args.clients)]
+        # Paced clients start spread over one interval, as independent pollers would be.
+        threads = [threading.Thread(target=client, args=(port, job_id, stop, out, errors, args.interval,
+                                                         args.interval * i / args.clients))
+                   for i in range(args.clients)]  # fmt: skip
         started = time.perf_counter()
         for t in threads:
             t.start()
@@ -190,7 +208,8 @@ def main() -> int:
         wall = time.perf_counter() - started
         total = sum(len(v) for v in out.values())
         print(f"{cpu_name()}, {os.cpu_count()} cores, {dt.date.today()}: `{' '.join(['python', *sys.argv])}`")
-        print(f"{args.workers} server processes, {args.clients} clients, {wall:.0f} s, {total:,} requests "
+        pace = f"each polling every {args.interval:g} s" if args.interval else "each asking again when answered"
+        print(f"{args.workers} server processes, {args.clients} clients ({pace}), {wall:.0f} s, {total:,} requests "
               f"({total / wall:.0f}/s), {len(errors)} errors")
         for kind, lat in out.items():
             ms = np.array(lat) * 1000

@@ -369,6 +369,21 @@ def test_with_a_broker_jobs_go_to_the_queue_workers(tmp_path, pg_url):
         done = wait_job(api, job["id"], timeout=240)
         assert done["progress"]["frames_done"] == 5 and done["progress"]["faces"] == 5
 
+        # One keep-alive connection, as a polling client keeps it, alternating a page and a status poll: no answer
+        # waits out the client's delayed ACK (~40 ms on Linux), as every one after the first did while the
+        # processes' shared socket lacked TCP_NODELAY (uvicorn #3149; BENCHMARKS.md, `fervid serve`).
+        conn = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=30)
+        took = []
+        for _ in range(10):
+            for path in (f"/v1/jobs/{job['id']}/faces", f"/v1/jobs/{job['id']}"):
+                t = time.perf_counter()
+                conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+                resp = conn.getresponse()
+                assert resp.status == 200 and resp.read()
+                took.append(time.perf_counter() - t)
+        conn.close()
+        assert sorted(took)[len(took) // 2] < 0.035, [round(t * 1000) for t in took]
+
         def together(fn, n: int = 24) -> list:  # new connections at once, which the kernel hands to both processes
             out: list = [None] * n
             threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn())) for i in range(n)]

@@ -152,6 +152,23 @@ def video_json(job: Job) -> dict:
             "codec": job.codec}  # fmt: skip
 
 
+def _settle_heap() -> None:
+    """Loads what the polled reads use (pandas, the queries) before the server takes requests, then moves every
+    object made so far out of the cyclic garbage collector's reach (`gc.freeze`).
+
+    Without it the first pages of each server process paid for the imports (page p99 394 ms in a benchmark's first
+    5 s), and every full collection walked the ~140,000 objects of the loaded libraries, about 65 ms charged to
+    whichever request set it off: BENCHMARKS.md, `fervid serve` under 50 polling clients.
+    """
+    import gc
+
+    import fervid.worker.store.export  # noqa: F401
+    import fervid.worker.store.query  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
 def app_from_env() -> FastAPI:
     """The application as `fervid serve --workers N` builds it in each worker process: everything from the
     environment (FERVID_DATABASE_URL, FERVID_BROKER_URL, the server settings)."""
@@ -185,6 +202,7 @@ def create_app(settings: ServerSettings | None = None, db: str | None = None, br
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):  # noqa: ANN202
+        _settle_heap()
         if runner:
             runner.start()
         notifier.start()
