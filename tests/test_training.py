@@ -170,6 +170,21 @@ def test_distilling_a_teacher_into_a_student(fer_npz, tmp_path):
     assert again["teacher_sha256"] != saved["teacher_sha256"] and not torch.equal(again["probs"], saved["probs"])
 
 
+def test_soft_targets_on_data_without_the_votes(tmp_path):
+    """FER2013 without FER+ (Kaggle CSV, image folder, `fer2013_trainval.npz.xz`): one line naming what is missing."""
+    import numpy as np
+
+    data = tmp_path / "plain.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, images=rng.integers(0, 256, (160, 48, 48), dtype=np.uint8), labels=np.arange(160) % 7,
+             usage=np.r_[np.zeros(128, np.uint8), np.ones(32, np.uint8)])  # fmt: skip
+    proc = run_cli("train", "--arch", "small", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
+                   "--batch-size", "64", "--soft-targets", "0.4")  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"fervid: error: {data}: has no FER+ votes (the arrays ferplus_votes and "
+                                   "ferplus_valid), which --soft-targets needs; fer2013.npz carries them")
+
+
 def test_a_teacher_named_by_its_members(fer_npz, tmp_path):
     """`--teacher small+medium`: the flip-averaged pair of shipped models is distilled, registered nowhere."""
     from fervid.model.config import REFERENCE_PRECISION

@@ -140,7 +140,8 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
     soft = None
     if cfg.soft_targets:
         if data.ferplus_votes is None:
-            raise FervidError(f"{cfg.data}: --soft-targets needs the FER+ votes, which only the .npz layout carries")
+            raise FervidError(f"{cfg.data}: has no FER+ votes (the arrays ferplus_votes and ferplus_valid), which "
+                              "--soft-targets needs; fer2013.npz carries them")  # fmt: skip
         mask = data.split_mask("Training")
         dist, has = ferplus_distribution(data.ferplus_votes[mask], data.ferplus_valid[mask])
         if cfg.limit:
