@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -172,8 +173,6 @@ def test_distilling_a_teacher_into_a_student(fer_npz, tmp_path):
 
 def test_soft_targets_on_data_without_the_votes(tmp_path):
     """FER2013 without FER+ (Kaggle CSV, image folder, `fer2013_trainval.npz.xz`): one line naming what is missing."""
-    import numpy as np
-
     data = tmp_path / "plain.npz"
     rng = np.random.default_rng(0)
     np.savez(data, images=rng.integers(0, 256, (160, 48, 48), dtype=np.uint8), labels=np.arange(160) % 7,
@@ -182,7 +181,7 @@ def test_soft_targets_on_data_without_the_votes(tmp_path):
                    "--batch-size", "64", "--soft-targets", "0.4")  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"fervid: error: {data}: has no FER+ votes (the arrays ferplus_votes and "
-                                   "ferplus_valid), which --soft-targets needs; fer2013.npz carries them")
+                                   "ferplus_valid), which --soft-targets needs; fer2013.npz carries them")  # fmt: skip
 
 
 def test_a_teacher_named_by_its_members(fer_npz, tmp_path):
