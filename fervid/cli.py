@@ -451,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the --teacher model's class probabilities in the target (0 = off)")
     t.add_argument("--teacher", default=train_default("teacher"), metavar="MODEL",
                    help="the model to distil: a shipped name (an ensemble too), a .safetensors path, or a+b+c averaged")
+    t.add_argument("--mixup", type=float, default=train_default("mixup"), metavar="ALPHA",
+                   help="MixUp: blend pairs of faces and their targets, weight ~ Beta(ALPHA, ALPHA) (0 = off)")
+    t.add_argument("--cutmix", type=float, default=train_default("cutmix"), metavar="ALPHA",
+                   help="CutMix: paste a box of another face, targets mixed by its area (0 = off; with --mixup, "
+                        "one of the two per batch)")
     t.add_argument("--ema", type=float, default=train_default("ema"), metavar="DECAY",
                    help="evaluate and export an exponential moving average of the weights (e.g. 0.999; 0 = off)")
     t.add_argument("--seed", type=int, default=train_default("seed"))

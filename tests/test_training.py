@@ -47,7 +47,8 @@ def _train_args(fer_npz, out, extra=()):
             "--epochs", "3", "--limit", "512", "--batch-size", "64", *extra]  # fmt: skip
 
 
-@pytest.mark.parametrize("extra", [(), ("--soft-targets", "0.5", "--ema", "0.99")], ids=["plain", "soft-ema"])
+@pytest.mark.parametrize("extra", [(), ("--soft-targets", "0.5", "--ema", "0.99", "--cutmix", "1", "--mixup", "0.2")],
+                         ids=["plain", "soft-ema-mix"])  # fmt: skip
 def test_resume_after_kill_matches_uninterrupted_run(extra, fer_npz, tmp_path):
     run_cli(*_train_args(fer_npz, tmp_path / "full", extra), check=True)
 
@@ -110,6 +111,43 @@ def test_soft_targets_mix_the_ferplus_votes():
     t = _soft_target(torch.tensor([3, 0, 2]), votes_t, None, torch.arange(3), cfg)
     assert torch.allclose(t[0], torch.tensor([0, 0, 0, 0.9, 0, 0, 0.1]))
     assert torch.equal(t[1], torch.eye(7)[0]) and torch.equal(t[2], torch.eye(7)[2])
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_alike():
+    import numpy as np
+
+    from fervid.training.augment import mix
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 48, 48, generator=gen)
+    target = torch.softmax(torch.randn(16, 7, generator=gen), 1)
+    same = mix(x, target, np.random.default_rng(0), 0.0, 0.0)
+    assert same[0] is x and same[1] is target  # off by default: nothing drawn, nothing changed
+
+    for alpha in (0.2, 1.0):  # MixUp: one weight for the batch, the same for the images and the targets
+        mx, mt = mix(x, target, np.random.default_rng(1), alpha, 0.0)
+        rng = np.random.default_rng(1)
+        w = float(rng.beta(alpha, alpha))
+        other = torch.from_numpy(rng.permutation(16))
+        assert 0 < w < 1 and (other != torch.arange(16)).any()
+        assert torch.allclose(mx, x * w + x[other] * (1 - w), atol=1e-6)
+        assert torch.allclose(mt, target * w + target[other] * (1 - w), atol=1e-6)
+
+    kinds = set()
+    for seed in range(20):  # CutMix: each target weighs the other face by the share of its pixels pasted in
+        cx, ct = mix(x, target, np.random.default_rng(seed), 0.0, 1.0)
+        rng = np.random.default_rng(seed)
+        rng.beta(1.0, 1.0)
+        other = torch.from_numpy(rng.permutation(16))
+        moved = other != torch.arange(16)
+        share = ((cx != x) & (cx == x[other])).flatten(1).float().mean(1, keepdim=True)
+        assert torch.allclose(ct[moved], (target * (1 - share) + target[other] * share)[moved], atol=1e-6)
+        assert ((cx == x) | (cx == x[other])).all()  # a box pasted, nothing blended
+        assert torch.allclose(ct.sum(1), torch.ones(16), atol=1e-6)
+        bx, _ = mix(x, target, np.random.default_rng(seed), 0.2, 1.0)  # both on: one or the other per batch
+        pixels_of_the_batch = (bx.unsqueeze(1) == x.unsqueeze(0)).any(1).all()  # each from some face, unblended
+        kinds.add("cutmix" if pixels_of_the_batch else "mixup")
+    assert kinds == {"cutmix", "mixup"}
 
 
 def test_fast_settings_follow_the_cpu(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,3 +61,31 @@ def augment(
         noise = torch.rand(x.shape, generator=gen, device=dev, dtype=x.dtype)
         x = torch.where(inside.unsqueeze(1), noise, x)
     return x
+
+
+def mix(
+    x: torch.Tensor, target: torch.Tensor, rng: np.random.Generator, mixup: float, cutmix: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp (the whole image blended) or CutMix (a box pasted) between each face and another of the batch, the
+    targets mixed by the same weight: the area pasted, for CutMix. With both on, each batch takes one of them.
+
+    `rng` is seeded per epoch by the caller, so a resumed run mixes as the uninterrupted one did.
+    """
+    if mixup <= 0 and cutmix <= 0:
+        return x, target
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(rng.beta(alpha, alpha))
+    other = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        cut_h, cut_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x[other][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the box clipped at the border: the area it really has
+    else:
+        x = x * lam + x[other] * (1 - lam)
+    return x, target * lam + target[other] * (1 - lam)

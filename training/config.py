@@ -22,6 +22,10 @@ class TrainConfig:
     # shipped name, an ensemble's too, or a .safetensors path). It teaches what an ensemble knows to one small net.
     distill: float = 0.0
     teacher: str = ""
+    # MixUp and CutMix: the alpha of the Beta distribution their mixing weight is drawn from (0: off; both on:
+    # one or the other per batch, as timm does). Targets mix with the images, so they combine with every target above.
+    mixup: float = 0.0
+    cutmix: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and exported (0: off)
     seed: int = 0
     device: str = "auto"

@@ -23,12 +23,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from fervid.errors import FervidError
-from fervid.model.config import REFERENCE_PRECISION
+from fervid.model.config import CLASSES, REFERENCE_PRECISION
 from fervid.model.device import native_bf16, resolve_device
 from fervid.model.predict import normalize, predict_proba
 from fervid.model.registry import create_model
 from fervid.model.weights import save_weights
-from fervid.training.augment import augment
+from fervid.training.augment import augment, mix
 from fervid.training.config import TrainConfig
 from fervid.training.data import ferplus_distribution, load_fer2013
 
@@ -74,7 +74,7 @@ def _soft_target(y: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor] | None
                  idx: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:  # fmt: skip
     """FER2013's label (smoothed), mixed with the FER+ vote distribution where the face has one, then with the
     teacher's class probabilities."""
-    n_cls = soft[0].shape[1] if soft is not None else teacher.shape[1]  # type: ignore[union-attr]
+    n_cls = len(CLASSES)
     target = F.one_hot(y, n_cls).float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / n_cls
     if soft is not None:
         dist, has = soft[0][idx], soft[1][idx]
@@ -191,6 +191,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
     else:
         log.info("start %s on %s (amp=%s): %s", cfg.arch, device, amp, json.dumps(asdict(cfg)))
 
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
     t_start = time.time() - sum(h["seconds"] for h in history)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
@@ -200,6 +201,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)
         perm = torch.randperm(len(x_train), generator=gen, device=device)
+        mix_rng = np.random.default_rng(cfg.seed * 100_003 + epoch)  # MixUp/CutMix draws, resumable like the rest
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -207,14 +209,17 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = augment(x_train[idx].float() / 255.0, gen)
-            x = normalize(x, net.cfg).contiguous(memory_format=torch.channels_last)
             y = y_train[idx]
+            target = None
+            if soft is not None or teacher is not None or mixing:
+                x, target = mix(x, _soft_target(y, soft, teacher, idx, cfg), mix_rng, cfg.mixup, cfg.cutmix)
+            x = normalize(x, net.cfg).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(x)
-            if soft is None and teacher is None:
+            if target is None:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             else:
-                loss = F.cross_entropy(logits.float(), _soft_target(y, soft, teacher, idx, cfg))
+                loss = F.cross_entropy(logits.float(), target)
             if hasattr(net, "regularization_loss"):
                 loss = loss + net.regularization_loss()
             opt.zero_grad(set_to_none=True)
