@@ -84,7 +84,7 @@ def mix(
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, h)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, w)
         x = x.clone()
-        x[..., y0:y1, x0:x1] = x[other][..., y0:y1, x0:x1]
+        x[..., y0:y1, x0:x1] = x[other, ..., y0:y1, x0:x1]  # only the box is gathered
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the box clipped at the border: the area it really has
     else:
         x = x * lam + x[other] * (1 - lam)
