@@ -114,8 +114,6 @@ def test_soft_targets_mix_the_ferplus_votes():
 
 
 def test_mixup_and_cutmix_mix_images_and_targets_alike():
-    import numpy as np
-
     from fervid.training.augment import mix
 
     gen = torch.Generator().manual_seed(0)
