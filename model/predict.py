@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fervid.model.config import SCORING_BATCH, TTA_MODES, ModelConfig
+from fervid.model.config import AFFINE_WARPS, SCORING_BATCH, TTA_MODES, ModelConfig
 
 
 def normalize(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -23,31 +25,48 @@ def preprocess(faces: torch.Tensor, cfg: ModelConfig, device: torch.device | str
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
-    """The views of a normalised batch that `tta` averages over (1 for none, 2 for flip, 10 for tencrop)."""
+# A view of a face: (kind, a, b, mirrored). ("shift", dy, dx, m): the face moved by (dy, dx) pixels, its border
+# repeated; ("warp", k, 0, m): the face under AFFINE_WARPS[k]; m: then mirrored left to right.
+View = tuple[str, int, int, bool]
+_SHIFTS = ((0, 0), (-2, -2), (-2, 2), (2, -2), (2, 2))  # tencrop: the face and four corners of it padded by 2 px
+
+
+def view_keys(tta: str) -> tuple[View, ...]:
+    """The views that `tta` averages over: 1 for none, 2 for flip, 10 for tencrop, 2 + 2 x len(AFFINE_WARPS) for
+    affine. The face itself and its mirror are views of every mode but none, so a report of several modes
+    computes each view once (predict_proba_modes)."""
     if tta == "none":
-        return [x]
+        return (("shift", 0, 0, False),)
     if tta == "flip":
-        return [x, x.flip(-1)]
+        return tuple(("shift", 0, 0, m) for m in (False, True))
     if tta == "tencrop":
-        # Five 48x48 windows of the face padded by 2 px (centre and corners), each also flipped: the
-        # ten-crop of FER papers at the model's own input size.
-        p = 2
-        h, w = x.shape[-2:]
-        padded = F.pad(x, (p, p, p, p), mode="replicate")
-        crops = [padded[..., p : p + h, p : p + w]]
-        crops += [padded[..., i : i + h, j : j + w] for i in (0, 2 * p) for j in (0, 2 * p)]
-        return crops + [c.flip(-1) for c in crops]
+        return tuple(("shift", dy, dx, m) for m in (False, True) for dy, dx in _SHIFTS)
+    if tta == "affine":
+        return view_keys("flip") + tuple(("warp", k, 0, m) for k in range(len(AFFINE_WARPS)) for m in (False, True))
     raise ValueError(f"unknown TTA mode {tta!r} (known: {', '.join(TTA_MODES)})")
 
 
-# Which views each mode averages, by the widest mode asked for: tencrop's first and sixth views are the face itself
-# and its mirror, so a report of every mode costs the ten passes of tencrop, not thirteen.
-_PICKS = {
-    "none": {"none": (0,)},
-    "flip": {"none": (0,), "flip": (0, 1)},
-    "tencrop": {"none": (0,), "flip": (0, 5), "tencrop": tuple(range(10))},
-}
+def render_view(x: torch.Tensor, view: View) -> torch.Tensor:
+    """One view of a normalised batch [N, C, H, W]."""
+    kind, a, b, mirrored = view
+    if kind == "shift" and (a, b) != (0, 0):
+        p = max(abs(a), abs(b))
+        h, w = x.shape[-2:]
+        x = F.pad(x, (p, p, p, p), mode="replicate")[..., p + a : p + a + h, p + b : p + b + w]
+    elif kind == "warp":
+        deg, scale, tx, ty = AFFINE_WARPS[a]
+        # The same map as training.augment draws at random (its theta, with shifts as fractions of the side).
+        r = math.radians(deg)
+        c, s = math.cos(r) / scale, math.sin(r) / scale
+        theta = torch.tensor([[c, -s, 2 * tx], [s, c, 2 * ty]], dtype=x.dtype, device=x.device)
+        grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return x.flip(-1) if mirrored else x
+
+
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The views of a normalised batch that `tta` averages over (view_keys)."""
+    return [render_view(x, v) for v in view_keys(tta)]
 
 
 @torch.inference_mode()
@@ -59,18 +78,20 @@ def predict_proba_modes(
     unknown = [m for m in modes if m not in TTA_MODES]
     if unknown:
         raise ValueError(f"unknown TTA mode {unknown[0]!r} (known: {', '.join(TTA_MODES)})")
-    widest = max(modes, key=TTA_MODES.index)
-    picks = _PICKS[widest]
+    keys = {m: view_keys(m) for m in modes}
+    union = list(dict.fromkeys(v for ks in keys.values() for v in ks))
     dev = next(net.parameters()).device
     was_training = net.training
     net.eval()
     out: dict[str, list[torch.Tensor]] = {m: [] for m in modes}
     for i in range(0, len(images), batch_size):
-        views = tta_views(preprocess(images[i : i + batch_size], net.cfg, dev), widest)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            probs = [net(v.contiguous(memory_format=torch.channels_last)).float().softmax(1) for v in views]
+        x = preprocess(images[i : i + batch_size], net.cfg, dev)
+        probs = {}
+        for v in union:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                probs[v] = net(render_view(x, v).contiguous(memory_format=torch.channels_last)).float().softmax(1)
         for m in modes:
-            out[m].append((sum(probs[k] for k in picks[m]) / len(picks[m])).cpu())
+            out[m].append((sum(probs[v] for v in keys[m]) / len(keys[m])).cpu())
     net.train(was_training)
     return {m: torch.cat(o) if o else torch.empty(0, len(net.cfg.classes)) for m, o in out.items()}
 

@@ -121,8 +121,8 @@ def main() -> None:
         ferplus = ferplus_majority_labels(data.ferplus_votes[mask], data.ferplus_valid[mask])
 
     models = {name: load_model(name, precision=REFERENCE_PRECISION) for name in args.candidates}
-    probs = {tta: {name: clf.predict_proba(faces, tta=tta).numpy() for name, clf in models.items()}
-             for tta in args.tta}  # fmt: skip
+    by_model = {name: clf.predict_proba_modes(faces, tuple(args.tta)) for name, clf in models.items()}  # views once
+    probs = {tta: {name: p[tta].numpy() for name, p in by_model.items()} for tta in args.tta}
     for tta, by_member in probs.items():
         for name, pr in by_member.items():
             print(f"{name:>24}  {tta:>7}  PublicTest {measure((name,), tta, pr, labels, ferplus).describe()}")

@@ -65,9 +65,11 @@ def test_resnet_halves_the_resolution_per_stage_with_residual_blocks():
     assert net.cfg.architecture == "resnet" and net.cfg.input_size == (1, 48, 48)
 
 
-def test_every_tta_mode_at_once_gives_each_modes_own_numbers_in_ten_passes():
-    """`fervid eval --tta all` reports none, flip and tencrop from the ten views of tencrop (the face itself and
-    its mirror are two of them): each mode's probabilities are the mean over its own views, as computed alone."""
+def test_every_tta_mode_at_once_gives_each_modes_own_numbers_computing_each_view_once():
+    """`fervid eval --tta all` reports none, flip, tencrop and affine from 24 views: the face itself and its mirror
+    are views of every mode, the ten of tencrop and the fourteen warps of affine are the rest. Each mode's
+    probabilities are the mean over its own views, as computed alone."""
+    from fervid.model.config import AFFINE_WARPS, TTA_MODES
     from fervid.model.loader import load_model
     from fervid.model.predict import predict_proba_modes, preprocess, tta_views
 
@@ -76,12 +78,22 @@ def test_every_tta_mode_at_once_gives_each_modes_own_numbers_in_ten_passes():
     faces = torch.randint(0, 256, (24, 48, 48), dtype=torch.uint8)
     passes = []
     net.register_forward_pre_hook(lambda m, i: passes.append(len(i[0])))
-    got = predict_proba_modes(net, faces, ("none", "flip", "tencrop"), batch_size=24)
-    assert passes == [24] * 10
+    got = predict_proba_modes(net, faces, TTA_MODES, batch_size=24)
+    assert passes == [24] * (10 + 2 * len(AFFINE_WARPS)) and len(AFFINE_WARPS) == 7
     with torch.inference_mode():
-        for mode, n_views in (("none", 1), ("flip", 2), ("tencrop", 10)):
+        for mode, n_views in (("none", 1), ("flip", 2), ("tencrop", 10), ("affine", 16)):
             views = tta_views(preprocess(faces, net.cfg), mode)
             assert len(views) == n_views
             want = sum(net(v.contiguous(memory_format=torch.channels_last)).softmax(1) for v in views) / n_views
             assert torch.allclose(got[mode], want, atol=1e-6), mode
+    assert not torch.allclose(got["affine"], got["tencrop"], atol=1e-3)
+    # The warps stay within the range training warps faces in, so the net sees at test time what it learnt on.
+    import inspect
+
+    from fervid.training.augment import augment
+
+    limits = {k: v.default for k, v in inspect.signature(augment).parameters.items()}
+    for deg, scale, tx, ty in AFFINE_WARPS:
+        assert abs(deg) <= limits["max_rotate_deg"] and limits["scale"][0] <= scale <= limits["scale"][1]
+        assert max(abs(tx), abs(ty)) <= limits["max_shift"]
     assert not torch.allclose(got["flip"], got["none"], atol=1e-3)  # the views differ: each mode is its own

@@ -86,6 +86,12 @@ def test_an_ensemble_averages_its_members_with_flips(shipped):
     expected = (predict_proba(load_model("a").net, faces, tta="tencrop", amp=amp) +
                 predict_proba(load_model("b").net, faces, tta="tencrop", amp=amp)) / 2  # fmt: skip
     assert torch.allclose(load_model("duo").predict_proba(faces), expected, atol=1e-5)
+    # Affine: the face, its mirror and the fixed warps of model.config.AFFINE_WARPS, each mirrored too.
+    warps = register_ensemble("duo", ["a", "b"], tta="affine")
+    assert warps not in (sha, plain, crops)
+    expected = (predict_proba(load_model("a").net, faces, tta="affine", amp=amp) +
+                predict_proba(load_model("b").net, faces, tta="affine", amp=amp)) / 2  # fmt: skip
+    assert torch.allclose(load_model("duo").predict_proba(faces), expected, atol=1e-5)
     plain = register_ensemble("duo", ["a", "b"], tta="none")
     row = [r for r in list_models() if r["name"] == "duo"][0]
     n_a = sum(p.numel() for p in create_model("small").parameters())
