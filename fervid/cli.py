@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -582,7 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader gone (`| head`) fails here, not as a traceback at exit
+        return rc
+    except BrokenPipeError:
+        # Stop quietly as Unix tools do, with their status (128 + SIGPIPE); stdout goes to /dev/null so that
+        # Python's own flush at exit finds nothing left to write.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except FervidError as e:
         print(f"fervid: error: {e}", file=sys.stderr)
         return 2

@@ -166,6 +166,19 @@ def test_eval_tta_all(fer_npz, tmp_path):
     assert set(report["ferplus_majority"]["tta_accuracy"]) == set(TTA_MODES[1:])
 
 
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`fervid models | head -1`: the reader goes away before fervid writes; fervid stops quietly, with the status
+    Unix tools stop with (128 + SIGPIPE), and the first line was the table's header."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fervid.cli", "models"], capture_output=True, cwd=ROOT, check=True)
+    shell = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m fervid.cli models | head -c 0"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert shell.returncode == 141, shell.stderr
+    assert shell.stderr == "" and proc.stdout.split()[0] == b"name"
+
+
 def test_eval_errors_are_one_line(tmp_path):
     missing = run_cli("eval", "--data", str(tmp_path / "nope.npz"))
     bad_csv = tmp_path / "bad.csv"
