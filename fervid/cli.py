@@ -580,6 +580,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on its writing end)."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -587,6 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # inside the try: a reader gone (`| head`) fails here, not as a traceback at exit
         return rc
     except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket broke: a real error, not a reader that had enough
         # Stop quietly as Unix tools do, with their status (128 + SIGPIPE); stdout goes to /dev/null so that
         # Python's own flush at exit finds nothing left to write.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,6 +1,6 @@
 """Choose an ensemble of shipped models on PublicTest and register it under a model name.
 
-    python -m scripts.build_ensemble accurate small medium seed [--tta flip tencrop] [--data .../fer2013.npz]
+    python -m scripts.build_ensemble accurate small medium seed [--tta flip tencrop affine] [--data .../fer2013.npz]
 
 Every subset of two or more of the candidates is scored on PublicTest with each TTA of --tta (the mean of the
 members' probabilities over the views); the best subset and TTA are registered in model/weights/manifest.json

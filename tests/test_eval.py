@@ -179,6 +179,22 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     assert shell.stderr == "" and proc.stdout.split()[0] == b"name"
 
 
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(tmp_path, monkeypatch):
+    """Only a reader gone from stdout is quiet: a pipe or socket broken elsewhere stays an error."""
+    import sys
+
+    from fervid import cli
+
+    def broken(args):  # noqa: ANN001, ANN202
+        raise BrokenPipeError("a socket's peer went away")
+
+    monkeypatch.setattr(cli, "_cmd_models", broken)
+    with open(tmp_path / "out.txt", "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        with pytest.raises(BrokenPipeError):
+            cli.main(["models"])
+
+
 def test_eval_errors_are_one_line(tmp_path):
     missing = run_cli("eval", "--data", str(tmp_path / "nope.npz"))
     bad_csv = tmp_path / "bad.csv"
