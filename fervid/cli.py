@@ -30,7 +30,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from fervid.training.evaluate import evaluate, plot_confusion
 
     clf = load_model(args.model, device=_device(args.device), precision=args.precision)
-    tta = TTA_MODES[1:] if args.tta == "all" else (() if args.tta == "none" else (args.tta,))
+    tta = TTA_MODES[1:] if "all" in args.tta else tuple(dict.fromkeys(m for m in args.tta if m != "none"))
     report = evaluate(clf, args.data, args.split, tta=tta, batch_size=args.batch_size)
     if args.confusion:
         plot_confusion(report, args.confusion)
@@ -473,8 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shipped model name, .safetensors path, or a+b+c averaged (default %(default)s)")  # fmt: skip
     e.add_argument("--data", required=True, help="fer2013 .npz / .npz.xz, Kaggle fer2013.csv, or image folder")
     e.add_argument("--split", default="PrivateTest", choices=["Training", "PublicTest", "PrivateTest"])
-    e.add_argument("--tta", default="none", choices=[*TTA_MODES, "all"],
-                   help="also report accuracy with test-time augmentation")  # fmt: skip
+    e.add_argument("--tta", nargs="+", default=["none"], choices=[*TTA_MODES, "all"],
+                   help="also report accuracy with these test-time augmentations (views shared by several are "
+                        "computed once)")  # fmt: skip
     e.add_argument("--confusion", metavar="PNG", help="write the row-normalised confusion matrix here")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--batch-size", type=int, default=SCORING_BATCH)
