@@ -46,6 +46,19 @@ def view_keys(tta: str) -> tuple[View, ...]:
     raise ValueError(f"unknown TTA mode {tta!r} (known: {', '.join(TTA_MODES)})")
 
 
+def warp(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, shift_x: torch.Tensor, shift_y: torch.Tensor,
+         mirror: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Each face of a batch [N, C, H, W] rotated by angle [N] (radians), scaled by scale [N] and shifted by
+    shift_x/y [N] (fractions of the side), then mirrored where mirror [N] is -1; one grid_sample, borders repeated.
+    The map training.augment draws at random and the affine TTA applies with fixed values."""
+    sx = scale if mirror is None else scale * mirror
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos / sx, -sin / scale, shift_x * 2], dim=1),
+                         torch.stack([sin / sx, cos / scale, shift_y * 2], dim=1)], dim=1)  # fmt: skip
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def render_view(x: torch.Tensor, view: View) -> torch.Tensor:
     """One view of a normalised batch [N, C, H, W]."""
     kind, a, b, mirrored = view
@@ -55,12 +68,9 @@ def render_view(x: torch.Tensor, view: View) -> torch.Tensor:
         x = F.pad(x, (p, p, p, p), mode="replicate")[..., p + a : p + a + h, p + b : p + b + w]
     elif kind == "warp":
         deg, scale, tx, ty = AFFINE_WARPS[a]
-        # The same map as training.augment draws at random (its theta, with shifts as fractions of the side).
-        r = math.radians(deg)
-        c, s = math.cos(r) / scale, math.sin(r) / scale
-        theta = torch.tensor([[c, -s, 2 * tx], [s, c, 2 * ty]], dtype=x.dtype, device=x.device)
-        grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # float64 like the math module: the same theta whichever device computes it
+        x = warp(x, *(torch.full((len(x),), v, dtype=torch.float64, device=x.device)
+                      for v in (math.radians(deg), scale, tx, ty)))  # fmt: skip
     return x.flip(-1) if mirrored else x
 
 

@@ -169,8 +169,8 @@ def test_eval_tta_all(fer_npz, tmp_path):
 
 
 def test_a_reader_that_stops_early_gets_no_traceback():
-    """`fervid models | head -1`: the reader goes away before fervid writes; fervid stops quietly, with the status
-    Unix tools stop with (128 + SIGPIPE), and the first line was the table's header."""
+    """`fervid models | head -c 0`: the reader goes away before fervid writes; fervid stops quietly, with the status
+    Unix tools stop with (128 + SIGPIPE), where a reader that stays gets the table from its header on."""
     import subprocess
     import sys
 

@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from fervid.model.predict import warp
 
 
 def augment(
@@ -32,17 +33,8 @@ def augment(
 
     angle = u(-max_rotate_deg, max_rotate_deg) * (math.pi / 180)
     s = u(*scale)
-    sx = s * (torch.where(torch.rand(n, generator=gen, device=dev) < 0.5, -1.0, 1.0) if flip else 1.0)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack(
-        [
-            torch.stack([cos / sx, -sin / s, u(-max_shift, max_shift) * 2], dim=1),
-            torch.stack([sin / sx, cos / s, u(-max_shift, max_shift) * 2], dim=1),
-        ],
-        dim=1,
-    )
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mirror = torch.where(torch.rand(n, generator=gen, device=dev) < 0.5, -1.0, 1.0) if flip else None
+    x = warp(x, angle, s, u(-max_shift, max_shift), u(-max_shift, max_shift), mirror)
 
     if erase_p > 0:
         area = u(*erase_area) * h * w
