@@ -452,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the --teacher model's class probabilities in the target (0 = off)")
     t.add_argument("--teacher", default=train_default("teacher"), metavar="MODEL",
                    help="the model to distil: a shipped name (an ensemble too), a .safetensors path, or a+b+c averaged")
+    t.add_argument("--init", default=train_default("init"), metavar="MODEL",
+                   help="fine-tune: start from this model's weights (a shipped name or .safetensors path of --arch)")
     t.add_argument("--mixup", type=float, default=train_default("mixup"), metavar="ALPHA",
                    help="MixUp: blend pairs of faces and their targets, weight ~ Beta(ALPHA, ALPHA) (0 = off)")
     t.add_argument("--cutmix", type=float, default=train_default("cutmix"), metavar="ALPHA",

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,25 @@ def test_a_teacher_named_by_its_members(fer_npz, tmp_path):
     proc = run_cli("train", "--arch", "small", "--out", str(tmp_path / "x"), "--data", str(fer_npz), "--epochs", "1",
                    "--limit", "128", "--distill", "0.6", "--teacher", "small+nosuch")  # fmt: skip
     assert proc.returncode != 0 and "unknown model 'nosuch'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fine_tuning_starts_from_a_trained_model(fer_npz, tmp_path):
+    """`--init`: the run starts from trained weights, not random ones; the wrong architecture or an ensemble is one
+    line. A vanishing learning rate leaves the start visible in what is exported."""
+    common = ["--data", str(fer_npz), "--epochs", "1", "--limit", "128", "--batch-size", "64"]
+    run_cli("train", "--arch", "small", "--out", str(tmp_path / "base"), *common, check=True)
+    base = tmp_path / "base" / "model.safetensors"
+    tuned = tmp_path / "tuned"
+    run_cli("train", "--arch", "small", "--out", str(tuned), *common, "--lr", "1e-9", "--init", str(base), check=True)
+
+    def params(path: Path) -> dict[str, torch.Tensor]:  # BatchNorm's statistics and counts follow the data at any lr
+        return {k: v for k, v in load_file(path).items() if v.dtype == torch.float16}
+
+    start, end = params(base), params(tuned / "model.safetensors")
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+    assert f"initial weights: {base} (sha256 " in (tuned / "train.log").read_text()
+    assert f"--init {base}" in read_metadata(tuned / "model.safetensors")["command"]
+    for init, error in (("small", "--init small: weights of architecture 'small', not --arch 'resnet'"),
+                        ("accurate", "--init accurate: an ensemble; fine-tuning starts from one model's weights")):
+        proc = run_cli("train", "--arch", "resnet", "--out", str(tmp_path / "x"), *common, "--init", init)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"fervid: error: {error}"

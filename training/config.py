@@ -26,6 +26,9 @@ class TrainConfig:
     # one or the other per batch, as timm does). Targets mix with the images, so they combine with every target above.
     mixup: float = 0.0
     cutmix: float = 0.0
+    # Fine-tuning: start from a trained model's weights (a shipped name or a .safetensors path, of --arch) instead
+    # of random ones, e.g. to teach a shipped model a better teacher in a fraction of a full run.
+    init: str = ""
     ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and exported (0: off)
     seed: int = 0
     device: str = "auto"

@@ -116,6 +116,20 @@ def _teacher_probs(cfg: TrainConfig, images: np.ndarray, device: torch.device, o
     return probs.to(device)
 
 
+def _init_weights(cfg: TrainConfig, net: torch.nn.Module) -> None:
+    """Fine-tuning starts from a trained model's weights: one model of `cfg.arch`, checksum verified if shipped."""
+    from fervid.model.loader import load_model  # the loader only where it is used
+
+    init = load_model(cfg.init, optimize=False)  # unfused: the same parameters and BatchNorm buffers as `net`
+    if "members" in init.meta:
+        raise FervidError(f"--init {cfg.init}: an ensemble; fine-tuning starts from one model's weights")
+    if init.cfg.architecture != cfg.arch:
+        arch = init.cfg.architecture
+        raise FervidError(f"--init {cfg.init}: weights of architecture {arch!r}, not --arch {cfg.arch!r}")
+    net.load_state_dict(init.net.state_dict())
+    log.info("initial weights: %s (sha256 %s)", cfg.init, init.sha256[:12])
+
+
 def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) -> Path:
     """Train `cfg.arch`; returns the path of the exported best weights (`<out>/model.safetensors`)."""
     out = Path(cfg.out)
@@ -152,7 +166,10 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
     y_train = torch.from_numpy(y_train).to(device)
 
     torch.manual_seed(cfg.seed)
-    net = create_model(cfg.arch).to(device).to(memory_format=torch.channels_last)
+    net = create_model(cfg.arch)
+    if cfg.init:
+        _init_weights(cfg, net)
+    net = net.to(device).to(memory_format=torch.channels_last)
     steps_per_epoch = len(x_train) // cfg.batch_size
     decay, no_decay = [], []
     for p in net.parameters():
