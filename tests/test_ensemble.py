@@ -248,9 +248,9 @@ def test_the_shipped_accurate_ensemble_wherever_a_model_name_goes(fer_npz, tmp_p
     """`accurate` as a user meets it: listed with the numbers its manifest holds, evaluated, and analysing a clip.
 
     Its full-split figures come from `scripts.measure_model` (the committed report, checked against the manifest):
-    recomputing them costs about 23 minutes on a 2-core CPU (six members, 16 views a face). `fervid eval` runs on
-    the first 32 PrivateTest faces here and must predict what its members' own probabilities, averaged over its
-    views, predict."""
+    recomputing PrivateTest's costs about 11 minutes on a 2-core CPU (six members, 16 views a face). `fervid eval`
+    runs on the first 32 PrivateTest faces here and must predict what its members' own probabilities, averaged over
+    its views, predict."""
     from fervid.model.config import REFERENCE_PRECISION
     from fervid.training.data import SPLITS, load_fer2013
 
