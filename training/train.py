@@ -167,7 +167,7 @@ def train(cfg: TrainConfig, resume: bool = False, command: str | None = None) ->
 
     torch.manual_seed(cfg.seed)
     net = create_model(cfg.arch)
-    if cfg.init:
+    if cfg.init and not (resume and (out / "last.pt").exists()):  # a resumed run's checkpoint holds its weights
         _init_weights(cfg, net)
     net = net.to(device).to(memory_format=torch.channels_last)
     steps_per_epoch = len(x_train) // cfg.batch_size
